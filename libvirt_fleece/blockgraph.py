@@ -1,0 +1,188 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""Steps on qemu's block graph, each a small function next to its undo.
+
+The plugin's nodes, jobs, exports and fdsets all carry the ``fleece-``
+prefix (fdsets: a number in the plugin's range); the ``remove_*`` functions
+tolerate an object that is already gone, so teardown can run after any
+partial failure and after a crash.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from typing import Optional
+
+import libvirt
+
+from . import errors, qmp
+
+log = logging.getLogger(__name__)
+
+PREFIX = "fleece-"
+FDSET_BASE = 0x6C660000       # "lf": the plugin's fdset ids, far above libvirt's
+FDSET_SPAN = 0x10000
+
+
+def node_names(dom: libvirt.virDomain) -> set[str]:
+    nodes = qmp.execute(dom, "query-named-block-nodes", {"flat": True})
+    return {n["node-name"] for n in nodes}
+
+
+def devices(dom: libvirt.virDomain) -> dict[str, dict]:
+    """``query-block`` entries with a medium, by qdev path."""
+    return {b["qdev"]: b for b in qmp.execute(dom, "query-block")
+            if b.get("qdev") and b.get("inserted")}
+
+
+def new_snapshot_id(existing: set[str]) -> str:
+    """A random 8-hex id whose node names collide with nothing in ``existing``."""
+    while True:
+        sid = secrets.token_hex(4)
+        if not any(n.startswith(f"{PREFIX}{sid}-") for n in existing):
+            return sid
+
+
+def disk_node_names(sid: str, index: int) -> dict[str, str]:
+    """Node names of one disk of a snapshot (all well under qemu's 31 characters)."""
+    base = f"{PREFIX}{sid}-{index}"
+    return {"fleece_node": f"{base}-img", "filter_node": f"{base}-cbw",
+            "access_node": f"{base}-acc"}
+
+
+def export_id(sid: str, index: int, serial: int) -> str:
+    return f"{PREFIX}{sid}-{index}-exp{serial}"
+
+
+def fdset_ids(dom: libvirt.virDomain) -> set[int]:
+    return {f["fdset-id"] for f in qmp.execute(dom, "query-fdsets")}
+
+
+def new_fdset_id(used: set[int]) -> int:
+    while True:
+        fid = FDSET_BASE + secrets.randbelow(FDSET_SPAN)
+        if fid not in used:
+            return fid
+
+
+def add_fd(dom: libvirt.virDomain, fd: int, fdset_id: int, opaque: str) -> None:
+    qmp.execute_with_fd(dom, "add-fd", {"fdset-id": fdset_id, "opaque": opaque}, [fd])
+
+
+def remove_fdset(dom: libvirt.virDomain, fdset_id: int) -> None:
+    if fdset_id in fdset_ids(dom):
+        qmp.execute(dom, "remove-fd", {"fdset-id": fdset_id})
+
+
+def add_fleece_node(dom: libvirt.virDomain, node: str, fdset_id: int) -> None:
+    """The fleece image as a qcow2 node, opened through the fdset (never by path)."""
+    qmp.execute(dom, "blockdev-add", {
+        "driver": "qcow2", "node-name": node, "discard": "unmap",
+        "file": {"driver": "file", "node-name": node + "f",
+                 "filename": f"/dev/fdset/{fdset_id}"}})
+
+
+def add_filter(dom: libvirt.virDomain, node: str, below: str, target: str) -> None:
+    """A copy-before-write filter that never fails guest writes: a full fleece breaks
+    the snapshot (its reads fail) instead of the guest's write."""
+    qmp.execute(dom, "blockdev-add", {
+        "driver": "copy-before-write", "node-name": node, "file": below,
+        "target": target, "on-cbw-error": "break-snapshot"})
+
+
+def add_access(dom: libvirt.virDomain, node: str, filter_node: str) -> None:
+    qmp.execute(dom, "blockdev-add", {"driver": "snapshot-access", "node-name": node,
+                                      "file": filter_node})
+
+
+def set_drive(dom: libvirt.virDomain, qdev: str, node: str) -> None:
+    """Point the guest device at another node (the filter, or back below it)."""
+    qmp.execute(dom, "qom-set", {"path": qdev, "property": "drive", "value": node})
+
+
+def top_node(dom: libvirt.virDomain, qdev: str) -> Optional[str]:
+    dev = devices(dom).get(qdev)
+    return dev["inserted"]["node-name"] if dev else None
+
+
+def remove_node(dom: libvirt.virDomain, node: str, existing: set[str]) -> None:
+    """Delete one of our nodes if it exists (its inline children go with it)."""
+    if node in existing:
+        try:
+            qmp.execute(dom, "blockdev-del", {"node-name": node})
+        except errors.QMPError as e:
+            if "Failed to find node" not in e.desc:
+                raise
+        existing.discard(node)
+
+
+# --- NBD server and exports --------------------------------------------------
+
+def getfd(dom: libvirt.virDomain, fd: int, fdname: str) -> None:
+    qmp.execute_with_fd(dom, "getfd", {"fdname": fdname}, [fd])
+
+
+def closefd(dom: libvirt.virDomain, fdname: str) -> None:
+    try:
+        qmp.execute(dom, "closefd", {"fdname": fdname})
+    except errors.QMPError:
+        pass  # already consumed or never passed
+
+
+def nbd_server_start(dom: libvirt.virDomain, fdname: str) -> None:
+    """Start qemu's (only) NBD server on a listening socket passed as ``fdname``.
+
+    Raises OperationInvalid when another NBD server (libvirt's backup or
+    migration) already runs in this qemu.
+    """
+    try:
+        qmp.execute(dom, "nbd-server-start",
+                    {"addr": {"type": "fd", "data": {"str": fdname}}})
+    except errors.QMPError as e:
+        if "already running" in e.desc:
+            raise errors.OperationInvalid(
+                f"qemu of domain {dom.name()!r} already runs an NBD server that is not "
+                f"libvirt-fleece's (a libvirt backup or storage migration?); wait until it "
+                f"finishes") from e
+        raise
+
+
+def nbd_server_stop(dom: libvirt.virDomain) -> None:
+    try:
+        qmp.execute(dom, "nbd-server-stop")
+    except errors.QMPError as e:
+        if "not running" not in e.desc:
+            raise
+
+
+def export_ids(dom: libvirt.virDomain) -> set[str]:
+    return {e["id"] for e in qmp.execute(dom, "query-block-exports")}
+
+
+def export_add(dom: libvirt.virDomain, eid: str, node: str, name: str,
+               bitmaps: Optional[list] = None) -> None:
+    args = {"type": "nbd", "id": eid, "node-name": node, "name": name, "writable": False}
+    if bitmaps:
+        args["bitmaps"] = bitmaps
+    qmp.execute(dom, "block-export-add", args)
+
+
+def export_del(dom: libvirt.virDomain, eid: str, force: bool = False) -> None:
+    """Remove an export and wait until qemu has let go of it.
+
+    Raises OperationInvalid when clients are connected and ``force`` is false.
+    """
+    from .virt import wait_until
+    if eid not in export_ids(dom):
+        return
+    try:
+        qmp.execute(dom, "block-export-del", {"id": eid, "mode": "hard" if force else "safe"})
+    except errors.QMPError as e:
+        if "in use" in e.desc:
+            raise errors.OperationInvalid(
+                f"export {eid} has connected NBD clients; wait until they disconnect "
+                f"or force the stop") from e
+        if "not found" not in e.desc:
+            raise
+    if not wait_until(lambda: eid not in export_ids(dom), timeout=10):
+        raise errors.OperationInvalid(f"qemu did not release export {eid} within 10 s")

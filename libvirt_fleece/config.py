@@ -1,0 +1,96 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""The YAML configuration shared by the library, the CLI and the hook.
+
+Path: ``/etc/libvirt-fleece/config.yaml`` (``$LIBVIRT_FLEECE_CONFIG``
+overrides it). A missing file means all defaults; unknown keys and values
+of the wrong type are errors, so a typo never goes unnoticed.
+
+Keys and defaults::
+
+    fleece_dir: /var/lib/libvirt/fleece   # default directory of fleece images
+    socket_dir: /run/libvirt-fleece        # default directory of export sockets
+    state_dir: /run/libvirt-fleece/state   # lock files and pause guards (root only)
+    socket_group: null                     # group allowed to connect (mode 0660)
+    pause_guard_timeout: 2.0               # seconds a guest may stay paused by us
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import grp
+import os
+from typing import Any, Optional
+
+import yaml
+
+from . import errors
+
+DEFAULT_PATH = "/etc/libvirt-fleece/config.yaml"
+ENV_PATH = "LIBVIRT_FLEECE_CONFIG"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    fleece_dir: str = "/var/lib/libvirt/fleece"
+    socket_dir: str = "/run/libvirt-fleece"
+    state_dir: str = "/run/libvirt-fleece/state"
+    socket_group: Optional[str] = None
+    pause_guard_timeout: float = 2.0
+
+    def validate(self) -> None:
+        """Raises InvalidArgument for an unusable value."""
+        for key in ("fleece_dir", "socket_dir", "state_dir"):
+            value = getattr(self, key)
+            if not isinstance(value, str) or not os.path.isabs(value):
+                raise errors.InvalidArgument(
+                    f"configuration key {key!r} must be an absolute path, not {value!r}")
+        if self.socket_group is not None:
+            try:
+                grp.getgrnam(str(self.socket_group))
+            except KeyError as e:
+                raise errors.InvalidArgument(
+                    f"configuration key 'socket_group': no group {self.socket_group!r}") from e
+        if not isinstance(self.pause_guard_timeout, (int, float)) or \
+                not 0.1 <= self.pause_guard_timeout <= 30:
+            raise errors.InvalidArgument(
+                "configuration key 'pause_guard_timeout' must be a number of seconds in [0.1, 30]")
+
+
+def config_path() -> str:
+    return os.environ.get(ENV_PATH) or DEFAULT_PATH
+
+
+def parse(text: str, origin: str = "<string>") -> Config:
+    """Parse a YAML configuration document. Raises InvalidArgument."""
+    try:
+        data: Any = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise errors.InvalidArgument(f"{origin}: not valid YAML: {e}") from e
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise errors.InvalidArgument(f"{origin}: expected a mapping of keys to values")
+    known = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(map(str, data)) - known)
+    if unknown:
+        raise errors.InvalidArgument(
+            f"{origin}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    cfg = Config(**data)
+    cfg.validate()
+    return cfg
+
+
+def load(path: Optional[str] = None) -> Config:
+    """Load the configuration; a missing file gives the defaults.
+
+    Raises InvalidArgument when the file exists but is not usable.
+    """
+    path = path or config_path()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        return Config()
+    except OSError as e:
+        raise errors.InvalidArgument(f"cannot read configuration {path}: {e.strerror}") from e
+    return parse(text, path)

@@ -1,0 +1,135 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""The public XML documents: snapshot and export requests, and their descriptions.
+
+Parsing validates against the RelaxNG schemas in ``xml-metadata/`` and then
+checks what a schema cannot say (duplicates). Formatting builds the
+documents ``getXMLDesc`` and ``blockExportList`` return.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from lxml import etree
+
+from . import errors, xmlutil
+
+
+@dataclasses.dataclass
+class SnapshotDiskSpec:
+    name: str
+    fleece: Optional[str] = None
+
+
+@dataclasses.dataclass
+class SnapshotSpec:
+    name: Optional[str]
+    disks: list[SnapshotDiskSpec]
+
+
+@dataclasses.dataclass(frozen=True)
+class Address:
+    type: str                       # unix | ip
+    socket: Optional[str] = None
+    host: Optional[str] = None
+    port: Optional[int] = None
+
+    def describe(self) -> str:
+        if self.type == "unix":
+            return f"unix socket {self.socket}" if self.socket else "a unix socket"
+        return f"{self.host}:{self.port}"
+
+
+@dataclasses.dataclass
+class ExportDiskSpec:
+    name: str
+    snapshot: str
+    exportname: Optional[str] = None
+    checkpoint: Optional[str] = None
+
+
+@dataclasses.dataclass
+class ExportSpec:
+    address: Optional[Address]
+    disks: list[ExportDiskSpec]
+
+
+def _no_duplicates(values: list, what: str, doc: str) -> None:
+    seen = set()
+    for v in values:
+        if v in seen:
+            raise errors.InvalidArgument(f"{doc}: {what} {v!r} is given twice")
+        seen.add(v)
+
+
+def parse_snapshot(xml: str) -> SnapshotSpec:
+    """Parse a <domainblocksnapshot> request. Raises InvalidArgument."""
+    doc = "snapshot XML"
+    root = xmlutil.parse(xml, doc)
+    xmlutil.validate(root, "domainblocksnapshot", doc)
+    disks = []
+    for el in root.findall("disk"):
+        fleece = el.find("fleece")
+        disks.append(SnapshotDiskSpec(el.get("name"),
+                                      fleece.get("file") if fleece is not None else None))
+    _no_duplicates([d.name for d in disks], "disk", doc)
+    _no_duplicates([d.fleece for d in disks if d.fleece], "fleece file", doc)
+    name = root.findtext("name")
+    return SnapshotSpec(name=name, disks=disks)
+
+
+def parse_address(el: Optional[etree._Element]) -> Optional[Address]:
+    if el is None:
+        return None
+    port = el.get("port")
+    return Address(type=el.get("type"), socket=el.get("socket"), host=el.get("host"),
+                   port=int(port) if port is not None else None)
+
+
+def parse_export(xml: str) -> ExportSpec:
+    """Parse a <domainblockexport> request. Raises InvalidArgument."""
+    doc = "export XML"
+    root = xmlutil.parse(xml, doc)
+    if root.tag != "domainblockexport":
+        raise errors.InvalidArgument(f"{doc}: expected <domainblockexport>, got <{root.tag}>")
+    xmlutil.validate(root, "domainblockexport", doc)
+    disks = [ExportDiskSpec(el.get("name"), el.get("snapshot"), el.get("exportname"),
+                            el.get("checkpoint"))
+             for el in root.findall("disk")]
+    _no_duplicates([(d.name, d.snapshot) for d in disks], "disk and snapshot", doc)
+    _no_duplicates([d.exportname for d in disks if d.exportname], "export name", doc)
+    return ExportSpec(address=parse_address(root.find("address")), disks=disks)
+
+
+def address_element(addr: Address) -> etree._Element:
+    el = etree.Element("address", type=addr.type)
+    if addr.type == "unix":
+        el.set("socket", addr.socket or "")
+    else:
+        el.set("host", addr.host or "")
+        if addr.port is not None:
+            el.set("port", str(addr.port))
+    return el
+
+
+def snapshot_document(name: str, created: int, disks: list[dict]) -> str:
+    """The filled-in <domainblocksnapshot>; ``disks`` hold name, file, capacity, allocation."""
+    root = etree.Element("domainblocksnapshot")
+    etree.SubElement(root, "name").text = name
+    etree.SubElement(root, "creationTime").text = str(created)
+    etree.SubElement(root, "state").text = "ready"
+    for d in disks:
+        el = etree.SubElement(root, "disk", name=d["name"], type="file")
+        etree.SubElement(el, "fleece", file=d["file"], capacity=str(d["capacity"]),
+                         allocation=str(d["allocation"]))
+    return xmlutil.tostring(root)
+
+
+def export_list_document(address: Address, exports: list[dict]) -> str:
+    """The live <blockexport>; ``exports`` hold name (disk), snapshot, exportname."""
+    root = etree.Element("blockexport", type="nbd")
+    root.append(address_element(address))
+    for e in exports:
+        etree.SubElement(root, "disk", **{k: v for k, v in e.items() if v is not None})
+    return xmlutil.tostring(root)

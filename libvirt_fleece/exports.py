@@ -1,0 +1,309 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""NBD exports of snapshots, served read-only by qemu's one NBD server.
+
+The server starts lazily with the first export and stops with the last.
+The plugin binds the listening socket itself (a unix socket with mode 0600,
+or 0660 for ``socket_group``; or a TCP socket on exactly the address asked
+for) and hands it to qemu with ``getfd``: the caller gets a clear error for
+an address in use, and qemu needs no access to the socket's directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import ipaddress
+import logging
+import os
+import socket
+import stat
+from typing import Optional
+
+import libvirt
+
+from . import blockgraph, documents, errors, metadata
+from .documents import Address
+from .faults import killpoint
+from .metadata import ExportRecord, ServerRecord
+from .session import Session, open_session
+from .snapshots import check_flags
+
+log = logging.getLogger(__name__)
+
+VIR_DOMAIN_BLOCK_EXPORT_STOP_FORCE = 1 << 0
+
+FDNAME = "fleece-nbd"
+
+
+# --- the server ---------------------------------------------------------------
+
+def _default_socket(sess: Session) -> str:
+    os.makedirs(sess.cfg.socket_dir, mode=0o755, exist_ok=True)
+    return os.path.join(sess.cfg.socket_dir, f"{sess.dom.name()}.sock")
+
+
+def _resolve_address(sess: Session, addr: Optional[Address]) -> Address:
+    if addr is None or (addr.type == "unix" and not addr.socket):
+        return Address(type="unix", socket=_default_socket(sess))
+    if addr.type == "ip" and addr.port is None:
+        return Address(type="ip", host=addr.host, port=10809)
+    return addr
+
+
+def _server_address(server: ServerRecord) -> Address:
+    return Address(type=server.type, socket=server.socket, host=server.host, port=server.port)
+
+
+def _check_unix_path(sess: Session, path: str) -> None:
+    """Refuse a socket path that exists, except a dead socket we left in our own directory."""
+    if os.path.normpath(path) != path or len(path.encode()) > 107:
+        raise errors.InvalidArgument(
+            f"socket path {path!r} must be normalized and at most 107 bytes long")
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    ours = os.path.dirname(path) == sess.cfg.socket_dir and path.endswith(".sock")
+    if ours and stat.S_ISSOCK(st.st_mode) and not _socket_alive(path):
+        log.warning("removing stale socket %s", path)
+        os.unlink(path)
+        return
+    raise errors.AlreadyExists(f"socket path {path!r} already exists (address in use)")
+
+
+def _socket_alive(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(path)
+            return True
+        except OSError:
+            return False
+
+
+def _bind(sess: Session, addr: Address) -> socket.socket:
+    """Bind and listen on ``addr``. Raises AlreadyExists or InvalidArgument."""
+    if addr.type == "unix":
+        _check_unix_path(sess, addr.socket)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            sock.bind(addr.socket)
+        except OSError as e:
+            sock.close()
+            raise errors.InvalidArgument(f"cannot bind {addr.socket}: {e.strerror}") from e
+        finally:
+            os.umask(old)
+        if sess.cfg.socket_group:
+            os.chown(addr.socket, -1, grp.getgrnam(sess.cfg.socket_group).gr_gid)
+            os.chmod(addr.socket, 0o660)
+    else:
+        try:
+            family = socket.AF_INET6 if ipaddress.ip_address(addr.host.strip("[]")).version == 6 \
+                else socket.AF_INET
+        except ValueError as e:
+            raise errors.InvalidArgument(f"host {addr.host!r} is not an IP address") from e
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((addr.host.strip("[]"), addr.port))
+        except OSError as e:
+            sock.close()
+            raise errors.AlreadyExists(
+                f"cannot listen on {addr.describe()}: {e.strerror} (address in use?)") from e
+        if not ipaddress.ip_address(addr.host.strip("[]")).is_loopback:
+            log.warning("NBD export of domain %s listens on %s WITHOUT encryption or "
+                        "authentication: anyone who can reach it can read the disks",
+                        sess.dom.name(), addr.describe())
+    sock.listen(16)
+    return sock
+
+
+def start_server(sess: Session, addr: Address) -> None:
+    """Record, bind and start the NBD server. Undoes itself on failure."""
+    dom = sess.dom
+    server = ServerRecord(state=metadata.CREATING, type=addr.type, fdname=FDNAME,
+                          socket=addr.socket, host=addr.host, port=addr.port)
+    if addr.type == "unix":
+        _check_unix_path(sess, addr.socket)
+    sess.state.server = server
+    sess.save()
+    killpoint("export-start:recorded")
+    try:
+        sock = _bind(sess, addr)
+        try:
+            if addr.type == "ip":
+                server.port = sock.getsockname()[1]
+                sess.save()
+            killpoint("export-start:socket-bound")
+            blockgraph.getfd(dom, sock.fileno(), FDNAME)
+        finally:
+            sock.close()
+        blockgraph.nbd_server_start(dom, FDNAME)
+        killpoint("export-start:server-started")
+        server.state = metadata.READY
+        sess.save()
+    except BaseException:
+        stop_server(sess)
+        sess.save()
+        raise
+    log.info("domain %s: NBD server listening on %s", dom.name(), addr.describe())
+
+
+def stop_server(sess: Session) -> None:
+    """Stop our NBD server and remove its socket; tolerate a half-started one."""
+    server = sess.state.server
+    if server is None:
+        return
+    if _server_may_be_ours(sess):
+        blockgraph.nbd_server_stop(sess.dom)
+    blockgraph.closefd(sess.dom, server.fdname)
+    if server.type == "unix" and server.socket:
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISSOCK(os.lstat(server.socket).st_mode):
+                os.unlink(server.socket)
+    sess.state.server = None
+    log.info("domain %s: NBD server stopped", sess.dom.name())
+
+
+def _server_may_be_ours(sess: Session) -> bool:
+    """Only stop qemu's NBD server when no export of someone else uses it."""
+    foreign = [e for e in blockgraph.export_ids(sess.dom)
+               if not e.startswith(blockgraph.PREFIX)]
+    if foreign:
+        log.warning("domain %s: not stopping the NBD server: exports %s are not ours",
+                    sess.dom.name(), ", ".join(foreign))
+        return False
+    return True
+
+
+# --- exports --------------------------------------------------------------------
+
+def _plan_exports(sess: Session, spec: documents.ExportSpec) -> list[tuple[ExportRecord, str]]:
+    """(record, node) per requested disk. Changes nothing."""
+    existing = sess.state.exports()
+    taken_names = {e.name for e in existing}
+    taken_ids = {e.id for e in existing}
+    planned = []
+    for ds in spec.disks:
+        if ds.checkpoint is not None:
+            raise errors.InvalidArgument(
+                f"export of disk {ds.name!r}: checkpoint= is not supported yet")
+        snap = sess.state.snapshot(ds.snapshot)
+        if snap is None:
+            raise errors.NotFound(f"no snapshot {ds.snapshot!r} in domain {sess.dom.name()!r}")
+        index, disk = next(((i, d) for i, d in enumerate(snap.disks) if d.name == ds.name),
+                           (None, None))
+        if disk is None:
+            raise errors.NotFound(f"snapshot {ds.snapshot!r} has no disk {ds.name!r} (it has "
+                                  f"{', '.join(d.name for d in snap.disks)})")
+        for e in existing:
+            if e.disk == ds.name and e.snapshot == ds.snapshot:
+                raise errors.AlreadyExists(
+                    f"disk {ds.name!r} of snapshot {ds.snapshot!r} is already exported as {e.name!r}")
+        name = ds.exportname or f"{ds.name}-{ds.snapshot}"
+        if name in taken_names:
+            raise errors.AlreadyExists(f"export name {name!r} is already in use")
+        taken_names.add(name)
+        serial = 0
+        while blockgraph.export_id(snap.id, index, serial) in taken_ids:
+            serial += 1
+        eid = blockgraph.export_id(snap.id, index, serial)
+        taken_ids.add(eid)
+        planned.append((ExportRecord(id=eid, disk=ds.name, snapshot=ds.snapshot, name=name,
+                                     state=metadata.CREATING), disk.access_node))
+    return planned
+
+
+def start(dom: libvirt.virDomain, xmlDesc: str, flags: int = 0) -> None:
+    check_flags(flags, 0, "blockExportStart")
+    spec = documents.parse_export(xmlDesc)
+    with open_session(dom) as sess:
+        planned = _plan_exports(sess, spec)
+        server = sess.state.server
+        if server is not None:
+            if spec.address is not None and \
+                    _resolve_address(sess, spec.address) != _server_address(server):
+                raise errors.AlreadyExists(
+                    f"the NBD server of domain {dom.name()!r} already listens on "
+                    f"{_server_address(server).describe()} (qemu has only one); omit "
+                    f"<address> to join it, or stop its exports first")
+        else:
+            start_server(sess, _resolve_address(sess, spec.address))
+        added = []
+        try:
+            for rec, _node in planned:
+                sess.state.server.exports.append(rec)
+            sess.save()
+            for rec, node in planned:
+                blockgraph.export_add(dom, rec.id, node, rec.name)
+                added.append(rec)
+                killpoint("export-start:export-added")
+            for rec in added:
+                rec.state = metadata.READY
+            sess.save()
+        except BaseException:
+            for rec, _node in planned:
+                remove_export(sess, rec, force=True)
+            if not sess.state.server.exports:
+                stop_server(sess)
+            sess.save()
+            raise
+        log.info("domain %s: exported %s", dom.name(), ", ".join(r.name for r, _ in planned))
+
+
+def remove_export(sess: Session, rec: ExportRecord, force: bool) -> None:
+    """Delete one export in qemu and from the state; tolerate a missing one."""
+    blockgraph.export_del(sess.dom, rec.id, force=force)
+    server = sess.state.server
+    if server is not None and rec in server.exports:
+        server.exports.remove(rec)
+
+
+def stop_exports(sess: Session, recs: list[ExportRecord], force: bool) -> None:
+    """Remove exports and stop the server after the last one."""
+    if not recs:
+        return
+    for rec in recs:
+        rec.state = metadata.DELETING
+    sess.save()
+    killpoint("export-stop:recorded")
+    for rec in recs:
+        remove_export(sess, rec, force)
+        killpoint("export-stop:export-removed")
+    if sess.state.server is not None and not sess.state.server.exports:
+        stop_server(sess)
+        killpoint("export-stop:server-stopped")
+    sess.save()
+
+
+def stop(dom: libvirt.virDomain, xmlDesc: str, flags: int = 0) -> None:
+    check_flags(flags, VIR_DOMAIN_BLOCK_EXPORT_STOP_FORCE, "blockExportStop")
+    spec = documents.parse_export(xmlDesc)
+    with open_session(dom) as sess:
+        existing = sess.state.exports()
+        chosen = []
+        for ds in spec.disks:
+            name = ds.exportname or f"{ds.name}-{ds.snapshot}"
+            rec = next((e for e in existing if e.disk == ds.name and e.snapshot == ds.snapshot
+                        and e.name == name), None)
+            if rec is None:
+                raise errors.NotFound(f"no export {name!r} of disk {ds.name!r} of snapshot "
+                                      f"{ds.snapshot!r} (blockExportList shows the exports)")
+            chosen.append(rec)
+        if spec.address is not None and sess.state.server is not None and \
+                _resolve_address(sess, spec.address) != _server_address(sess.state.server):
+            raise errors.InvalidArgument(
+                f"the exports listen on {_server_address(sess.state.server).describe()}, "
+                f"not {spec.address.describe()}")
+        stop_exports(sess, chosen, force=bool(flags & VIR_DOMAIN_BLOCK_EXPORT_STOP_FORCE))
+
+
+def list_all(dom: libvirt.virDomain, flags: int = 0) -> list[str]:
+    check_flags(flags, 0, "blockExportList")
+    with open_session(dom) as sess:
+        server = sess.state.server
+        if server is None:
+            return []
+        return [documents.export_list_document(_server_address(server), [
+            {"name": e.disk, "snapshot": e.snapshot, "exportname": e.name}
+            for e in server.exports])]

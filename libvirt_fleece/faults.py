@@ -1,0 +1,47 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""Kill points for fault-injection tests.
+
+Every multi-step operation calls :func:`killpoint` after each step that
+changes qemu, a file or the metadata. When ``$LIBVIRT_FLEECE_KILL_AT``
+names that step, the process kills itself with SIGKILL on the spot, as a
+crash or ``kill -9`` would; tests then check that the next call cleans up.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+ENV = "LIBVIRT_FLEECE_KILL_AT"
+
+# Every kill point, in the order the operations reach them.
+KILL_POINTS = (
+    "snapshot-create:recorded",
+    "snapshot-create:file-created",
+    "snapshot-create:fd-added",
+    "snapshot-create:fleece-node-added",
+    "snapshot-create:filter-added",
+    "snapshot-create:guest-paused",
+    "snapshot-create:filter-inserted",
+    "snapshot-create:access-node-added",
+    "snapshot-create:ready",
+    "snapshot-delete:recorded",
+    "snapshot-delete:access-node-removed",
+    "snapshot-delete:filter-removed",
+    "snapshot-delete:fleece-node-removed",
+    "snapshot-delete:file-removed",
+    "export-start:recorded",
+    "export-start:socket-bound",
+    "export-start:server-started",
+    "export-start:export-added",
+    "export-stop:recorded",
+    "export-stop:export-removed",
+    "export-stop:server-stopped",
+)
+
+
+def killpoint(name: str) -> None:
+    """Die here (SIGKILL) if the fault-injection variable names this step."""
+    assert name in KILL_POINTS, name
+    if os.environ.get(ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,155 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""Fleece images on disk: created without ever overwriting, removed only when provably ours.
+
+A fleece image is created as an anonymous file (``O_TMPFILE``) in the target
+directory, marked with the extended attribute ``trusted.libvirt-fleece``
+(which only root can write) naming the domain, snapshot and disk, formatted
+as qcow2, and only then linked under its name, with ``linkat``, which fails
+if the name exists. A process killed before the link leaves nothing behind.
+The open descriptor is what qemu gets (``add-fd``), so qemu never needs to
+open the path itself: no DAC, namespace or label trouble.
+
+:func:`remove` unlinks a path only when it is a regular file that still
+carries the mark this snapshot wrote; anything else is left alone and logged.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import subprocess
+
+from . import errors
+
+log = logging.getLogger(__name__)
+
+XATTR = "trusted.libvirt-fleece"
+MAX_PATH = 4095
+
+
+def owner_tag(domain_uuid: str, snapshot_id: str, disk: str) -> bytes:
+    """The mark a fleece image carries: which domain, snapshot and disk it serves."""
+    return f"{domain_uuid}/{snapshot_id}/{disk}".encode()
+
+
+def check_path(path: str) -> None:
+    """Check a requested fleece path before anything is created.
+
+    Raises InvalidArgument for a relative, non-normalized or odd path or a
+    missing parent directory, AlreadyExists when the name is taken (by a
+    file, a symlink, a device, anything).
+    """
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise errors.InvalidArgument(f"fleece file {path!r} must be an absolute path")
+    if len(path) > MAX_PATH or any(ord(c) < 32 or ord(c) == 127 for c in path):
+        raise errors.InvalidArgument(f"fleece file {path!r} is too long or has control characters")
+    if os.path.normpath(path) != path or path.endswith("/"):
+        raise errors.InvalidArgument(
+            f"fleece file {path!r} is not a normalized path (no '..', '.', '//' or trailing '/')")
+    parent = os.path.dirname(path)
+    try:
+        st = os.stat(parent)
+    except OSError as e:
+        raise errors.InvalidArgument(
+            f"fleece file {path!r}: directory {parent} is not usable: {e.strerror}") from e
+    if not stat.S_ISDIR(st.st_mode):
+        raise errors.InvalidArgument(f"fleece file {path!r}: {parent} is not a directory")
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise errors.InvalidArgument(f"fleece file {path!r} is not usable: {e.strerror}") from e
+    raise errors.AlreadyExists(
+        f"fleece file {path!r} already exists; libvirt-fleece never overwrites a file, "
+        f"choose another path or remove it yourself")
+
+
+def create(path: str, capacity: int, tag: bytes) -> int:
+    """Create a qcow2 fleece image of ``capacity`` bytes at ``path``; return an O_RDWR fd.
+
+    Raises AlreadyExists when ``path`` exists, InvalidArgument when it cannot
+    be created there (the message says why), InternalError when qemu-img fails.
+    """
+    check_path(path)
+    parent = os.path.dirname(path)
+    try:
+        fd = os.open(parent, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise errors.InvalidArgument(
+            f"cannot create fleece file in {parent}: {e.strerror} (the directory's "
+            f"filesystem must support O_TMPFILE and root must be able to write there)") from e
+    try:
+        try:
+            os.setxattr(fd, XATTR, tag)
+        except OSError as e:
+            raise errors.InvalidArgument(
+                f"cannot mark fleece file in {parent}: {e.strerror} (the filesystem "
+                f"must support trusted.* extended attributes)") from e
+        proc = subprocess.run(
+            ["qemu-img", "create", "-q", "-f", "qcow2", f"/dev/fd/{fd}", str(capacity)],
+            pass_fds=[fd], capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        if proc.returncode != 0:
+            raise errors.InternalError(f"qemu-img create failed: {proc.stderr.strip()}")
+        dirfd = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.link(str(fd), path, src_dir_fd=dirfd, follow_symlinks=True)
+        except FileExistsError as e:
+            raise errors.AlreadyExists(
+                f"fleece file {path!r} appeared while it was being created; not overwritten") from e
+        except OSError as e:
+            raise errors.InvalidArgument(f"cannot create fleece file {path!r}: {e.strerror}") from e
+        finally:
+            os.close(dirfd)
+    except BaseException:
+        os.close(fd)
+        raise
+    log.info("created fleece image %s (%d bytes)", path, capacity)
+    return fd
+
+
+def is_ours(path: str, tag: bytes) -> bool:
+    """True when ``path`` is a regular file (not a symlink) carrying ``tag``."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        return os.getxattr(fd, XATTR) == tag
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def remove(path: str, tag: bytes) -> bool:
+    """Unlink ``path`` if it is our fleece image; return whether it was removed.
+
+    A missing file is fine (False); a file that is not provably ours is left
+    alone and logged.
+    """
+    if not os.path.lexists(path):
+        return False
+    if not is_ours(path, tag):
+        log.warning("not removing %s: it does not carry this snapshot's mark", path)
+        return False
+    try:
+        os.unlink(path)
+    except OSError as e:
+        if e.errno == errno.ENOENT:
+            return False
+        raise errors.InternalError(f"cannot remove fleece file {path}: {e.strerror}") from e
+    log.info("removed fleece image %s", path)
+    return True
+
+
+def allocation(path: str) -> int:
+    """Bytes the image occupies on the host (0 when it is gone)."""
+    try:
+        return os.lstat(path).st_blocks * 512
+    except OSError:
+        return 0

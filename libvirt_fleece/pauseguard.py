@@ -1,0 +1,115 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""Keep a guest from staying paused when the process that paused it dies.
+
+Before the plugin pauses a guest's vCPUs (to insert several disks' filters
+at one instant) it starts a detached guard process with a pipe on its
+stdin. The plugin writes ``paused`` after pausing and ``resumed`` after
+resuming. If the pipe closes (the plugin died) or the timeout passes while
+the guest is paused by us, the guard resumes the guest itself. A guest the
+user had paused is never paused or resumed by the plugin at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import subprocess
+import sys
+import time
+
+log = logging.getLogger(__name__)
+
+
+class PauseGuard:
+    """Context manager around the short pause: ``with PauseGuard(dom, t) as g: ...``."""
+
+    def __init__(self, uri: str, domain_uuid: str, timeout: float) -> None:
+        env = dict(os.environ)
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [here, env.get("PYTHONPATH")]))
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "libvirt_fleece.pauseguard", uri, domain_uuid, str(timeout)],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True, close_fds=True, env=env)
+
+    def _say(self, word: str) -> None:
+        try:
+            self._proc.stdin.write(word.encode() + b"\n")
+            self._proc.stdin.flush()
+        except OSError:
+            log.warning("pause guard is gone; resuming is up to this process")
+
+    def paused(self) -> None:
+        self._say("paused")
+
+    def resumed(self) -> None:
+        self._say("resumed")
+
+    def close(self) -> None:
+        try:
+            self._proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self._proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            log.warning("pause guard did not exit")
+
+    def __enter__(self) -> "PauseGuard":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _read_words(fd: int, timeout: float):
+    """Yield words from the pipe; yield None on timeout, stop on EOF."""
+    buf = b""
+    while True:
+        ready, _, _ = select.select([fd], [], [], timeout)
+        if not ready:
+            yield None
+            continue
+        chunk = os.read(fd, 256)
+        if not chunk:
+            return
+        buf += chunk
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            yield line.decode(errors="replace").strip()
+
+
+def _resume(uri: str, domain_uuid: str) -> None:
+    import libvirt
+    libvirt.registerErrorHandler(lambda _c, _e: None, None)
+    conn = libvirt.open(uri)
+    dom = conn.lookupByUUIDString(domain_uuid)
+    state, reason = dom.state()
+    if state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_USER:
+        dom.resume()
+        log.warning("resumed domain %s left paused by a libvirt-fleece process", dom.name())
+
+
+def main(argv: list[str]) -> int:
+    uri, domain_uuid, timeout = argv[0], argv[1], float(argv[2])
+    paused = False
+    paused_at = 0.0
+    for word in _read_words(0, 0.1):
+        if word == "paused":
+            paused, paused_at = True, time.monotonic()
+        elif word == "resumed":
+            paused = False
+        if paused and time.monotonic() - paused_at > timeout:
+            break
+    if paused:
+        try:
+            _resume(uri, domain_uuid)
+        except Exception:  # noqa: BLE001 - last resort, must not raise
+            log.exception("could not resume domain %s", domain_uuid)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

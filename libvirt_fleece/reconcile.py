@@ -1,0 +1,44 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""Clean up after interrupted calls.
+
+A call records what it is about to do (state ``creating`` or ``deleting``)
+before it touches qemu or the disk. If it dies half-way, the next call on
+the domain finds those records here and undoes them: snapshots being
+created or deleted are torn down, exports being added or removed are
+removed, and a server left without exports is stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from . import exports, metadata, snapshots
+from .session import Session
+
+log = logging.getLogger(__name__)
+
+
+def finish_interrupted(sess: Session) -> None:
+    """Undo every record left in progress; save the state when it changed."""
+    state = sess.state
+    changed = False
+    server = state.server
+    if server is not None:
+        for exp in [e for e in server.exports if e.state != metadata.READY]:
+            log.warning("domain %s: removing export %s left behind by an interrupted call",
+                        sess.dom.name(), exp.name)
+            exports.remove_export(sess, exp, force=True)
+            changed = True
+        if server.state != metadata.READY or not server.exports:
+            log.warning("domain %s: stopping an NBD server left behind by an interrupted call",
+                        sess.dom.name())
+            exports.stop_server(sess)
+            changed = True
+    for snap in [s for s in state.snapshots if s.state != metadata.READY]:
+        log.warning("domain %s: removing snapshot %s left %s by an interrupted call",
+                    sess.dom.name(), snap.name, snap.state)
+        snapshots.teardown(sess, snap)
+        state.snapshots.remove(snap)
+        changed = True
+    if changed:
+        sess.save()

@@ -1,0 +1,47 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""One API call's hold on a domain: validation, the lock, the state, the cleanup.
+
+Every public call runs inside :func:`open_session`, which checks the domain,
+takes the domain's lock, loads the state from the metadata and first
+finishes or undoes whatever an earlier, interrupted call left recorded as
+in progress (:mod:`.reconcile`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Iterator
+
+import libvirt
+
+from . import config, lock, metadata, virt
+
+
+@dataclasses.dataclass
+class Session:
+    dom: libvirt.virDomain
+    cfg: config.Config
+    state: metadata.State
+    uuid: str
+
+    def save(self) -> None:
+        metadata.save(self.dom, self.state)
+
+
+@contextlib.contextmanager
+def open_session(dom: libvirt.virDomain, reconcile: bool = True) -> Iterator[Session]:
+    """Validate ``dom``, lock it and yield its state.
+
+    Raises InvalidArgument, ConnectionError, OperationInvalid (see
+    :func:`.virt.check_domain`) and the errors of reading the metadata.
+    """
+    virt.check_domain(dom)
+    cfg = config.load()
+    uuid = virt.domain_uuid(dom)
+    with lock.domain_lock(cfg, uuid, dom.name()):
+        sess = Session(dom=dom, cfg=cfg, state=metadata.load(dom), uuid=uuid)
+        if reconcile:
+            from . import reconcile as _reconcile
+            _reconcile.finish_interrupted(sess)
+        yield sess

@@ -1,0 +1,336 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""Temporary block snapshots (image fleecing) of a running domain's disks.
+
+Per disk, a snapshot is three qemu nodes and one file::
+
+    guest device --drive--> fleece-ID-N-cbw (copy-before-write, on-cbw-error=break-snapshot)
+                                 |  file                \\ target
+                         disk's format node            fleece-ID-N-img (qcow2, our fd)
+    export --> fleece-ID-N-acc (snapshot-access on the filter)
+
+The filter copies old data to the fleece image before a guest write lands;
+the access node reads the disk as it was when the filter went in. When the
+fleece storage fills up, the snapshot breaks (its reads fail) and the
+guest's writes go on. Filters of several snapshots of one disk stack, so
+such snapshots are deleted newest first.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid as uuidlib
+from typing import Optional
+
+import libvirt
+
+from . import blockgraph, disks, documents, errors, fleecefile, metadata, virt
+from .faults import killpoint
+from .metadata import DiskRecord, SnapshotRecord
+from .pauseguard import PauseGuard
+from .session import Session, open_session
+
+log = logging.getLogger(__name__)
+
+VIR_DOMAIN_BLOCK_SNAPSHOT_CREATE_CHECKPOINT = 1 << 0
+VIR_DOMAIN_BLOCK_SNAPSHOT_DELETE_STOP_EXPORTS = 1 << 0
+
+_CREATE_FLAGS = VIR_DOMAIN_BLOCK_SNAPSHOT_CREATE_CHECKPOINT
+_DELETE_FLAGS = VIR_DOMAIN_BLOCK_SNAPSHOT_DELETE_STOP_EXPORTS
+
+
+def check_flags(flags: object, allowed: int, what: str) -> int:
+    """Raises InvalidArgument for a non-integer or an unknown flag bit."""
+    if not isinstance(flags, int) or isinstance(flags, bool) or flags < 0:
+        raise errors.InvalidArgument(f"{what}: flags must be a non-negative integer")
+    if flags & ~allowed:
+        raise errors.InvalidArgument(f"{what}: unsupported flags 0x{flags & ~allowed:x}")
+    return flags
+
+
+class BlockSnapshot:
+    """A temporary block snapshot of a running domain (a handle by name)."""
+
+    def __init__(self, dom: libvirt.virDomain, name: str) -> None:
+        self._dom = dom
+        self._name = name
+
+    def __repr__(self) -> str:
+        return f"<BlockSnapshot {self._name!r} of {self._dom.name()!r}>"
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, BlockSnapshot) and other._name == self._name
+                and other._dom.UUIDString() == self._dom.UUIDString())
+
+    def __hash__(self) -> int:
+        return hash(self._name)
+
+    def getName(self) -> str:
+        return self._name
+
+    def getDomain(self) -> libvirt.virDomain:
+        return self._dom
+
+    def getXMLDesc(self, flags: int = 0) -> str:
+        """The filled-in <domainblocksnapshot>. Raises NotFound once deleted."""
+        check_flags(flags, 0, "getXMLDesc")
+        with open_session(self._dom) as sess:
+            rec = _lookup(sess, self._name)
+            return documents.snapshot_document(rec.name, rec.created, [
+                {"name": d.name, "file": d.file, "capacity": d.capacity,
+                 "allocation": fleecefile.allocation(d.file)} for d in rec.disks])
+
+    def delete(self, flags: int = 0) -> None:
+        """Remove the snapshot's nodes, fleece files and record.
+
+        Raises OperationInvalid while it is exported (unless
+        VIR_DOMAIN_BLOCK_SNAPSHOT_DELETE_STOP_EXPORTS is given) or while a
+        newer snapshot of one of its disks exists (it names that one).
+        """
+        check_flags(flags, _DELETE_FLAGS, "delete")
+        with open_session(self._dom) as sess:
+            rec = _lookup(sess, self._name)
+            _check_nothing_above(sess, rec)
+            from . import exports
+            users = [e for e in sess.state.exports() if e.snapshot == rec.name]
+            if users and not flags & VIR_DOMAIN_BLOCK_SNAPSHOT_DELETE_STOP_EXPORTS:
+                raise errors.OperationInvalid(
+                    f"snapshot {rec.name!r} is exported as "
+                    f"{', '.join(repr(e.name) for e in users)}; stop the export first "
+                    f"or delete with VIR_DOMAIN_BLOCK_SNAPSHOT_DELETE_STOP_EXPORTS")
+            exports.stop_exports(sess, users, force=True)
+            rec.state = metadata.DELETING
+            sess.save()
+            killpoint("snapshot-delete:recorded")
+            teardown(sess, rec, killpoints=True)
+            sess.state.snapshots.remove(rec)
+            sess.save()
+            log.info("domain %s: deleted snapshot %s", self._dom.name(), rec.name)
+
+
+def _lookup(sess: Session, name: str) -> SnapshotRecord:
+    rec = sess.state.snapshot(name) if isinstance(name, str) else None
+    if rec is None:
+        raise errors.NotFound(
+            f"no snapshot {name!r} in domain {sess.dom.name()!r} "
+            f"(blockSnapshotList shows the existing ones)")
+    return rec
+
+
+def _check_nothing_above(sess: Session, rec: SnapshotRecord) -> None:
+    for other in sess.state.snapshots:
+        for d in other.disks:
+            if any(d.below == mine.filter_node for mine in rec.disks):
+                raise errors.OperationInvalid(
+                    f"snapshot {other.name!r} of disk {d.name!r} is newer than "
+                    f"{rec.name!r} and sits on top of it; delete {other.name!r} first "
+                    f"(snapshots of one disk are deleted newest first)")
+
+
+# --- creation --------------------------------------------------------------------
+
+def _default_fleece_path(sess: Session, snap: str, disk: str) -> str:
+    os.makedirs(sess.cfg.fleece_dir, mode=0o700, exist_ok=True)
+    return os.path.join(sess.cfg.fleece_dir, f"{sess.dom.name()}.{snap}.{disk}.qcow2")
+
+
+def _stack_position(sess: Session, disk: str, top: str) -> tuple[str, str]:
+    """(base, below) for a new filter on a disk whose device points at ``top``.
+
+    Raises OperationInvalid when ``top`` is neither libvirt's node nor one of
+    our filters (a block job or another tool owns the disk right now).
+    """
+    for snap in sess.state.snapshots:
+        rec = snap.disk(disk)
+        if rec is not None and rec.filter_node == top:
+            return rec.base, top
+    if top.startswith("libvirt-"):
+        return top, top
+    raise errors.OperationInvalid(
+        f"disk {disk!r} of domain {sess.dom.name()!r} is in use by a block job or "
+        f"another tool (its top node is {top!r}); try again when that has finished")
+
+
+def _plan(sess: Session, spec: documents.SnapshotSpec) -> SnapshotRecord:
+    """Check a request against the domain and plan all names. Changes nothing."""
+    dom = sess.dom
+    name = spec.name or str(uuidlib.uuid4())
+    if sess.state.snapshot(name):
+        raise errors.AlreadyExists(f"domain {dom.name()!r} already has a snapshot {name!r}")
+    domain_disks = disks.parse_domain_disks(virt.domain_xml(dom))
+    if spec.disks:
+        wanted = []
+        for ds in spec.disks:
+            found = next((d for d in domain_disks if d.target == ds.name), None)
+            if found is None:
+                raise errors.NotFound(
+                    f"disk {ds.name!r} not found in domain {dom.name()!r} (its disks: "
+                    f"{', '.join(d.target for d in domain_disks) or 'none'})")
+            reason = found.unsupported_reason()
+            if reason:
+                raise errors.InvalidArgument(f"disk {ds.name!r} cannot be snapshotted: {reason}")
+            wanted.append((found, ds.fleece))
+    else:
+        wanted = [(d, None) for d in domain_disks if d.unsupported_reason() is None]
+        if not wanted:
+            raise errors.OperationInvalid(f"domain {dom.name()!r} has no disk that can be "
+                                          f"snapshotted (file or block, qcow2 or raw, writable)")
+    devs = blockgraph.devices(dom)
+    nodes = blockgraph.node_names(dom)
+    sid = blockgraph.new_snapshot_id(nodes)
+    used_fdsets = blockgraph.fdset_ids(dom) | {d.fdset for s in sess.state.snapshots
+                                               for d in s.disks}
+    records = []
+    for index, (disk, path) in enumerate(wanted):
+        qdev = next((q for q in devs if disk.matches_qdev(q)), None)
+        if qdev is None:
+            raise errors.OperationInvalid(f"qemu shows no device for disk {disk.target!r}")
+        if virt.block_job_active(dom, disk.target):
+            raise errors.OperationInvalid(
+                f"disk {disk.target!r} has an active block job; try again when it finished")
+        inserted = devs[qdev]["inserted"]
+        base, below = _stack_position(sess, disk.target, inserted["node-name"])
+        path = path or _default_fleece_path(sess, name, disk.target)
+        fleecefile.check_path(path)
+        fdset = blockgraph.new_fdset_id(used_fdsets)
+        used_fdsets.add(fdset)
+        records.append(DiskRecord(
+            name=disk.target, file=path, qdev=qdev, base=base, below=below,
+            fdset=fdset, capacity=int(inserted["image"]["virtual-size"]),
+            **blockgraph.disk_node_names(sid, index)))
+    return SnapshotRecord(name=name, id=sid, state=metadata.CREATING,
+                          created=int(time.time()), disks=records)
+
+
+def _insert_filters(sess: Session, rec: SnapshotRecord) -> None:
+    """Point every disk's device at its filter, all at one instant.
+
+    With several disks the guest's vCPUs are paused for the few ms this
+    takes (unless the user had paused it already), under a guard process
+    that resumes the guest should this process die meanwhile.
+    """
+    dom = sess.dom
+    if len(rec.disks) == 1 or virt.domain_state(dom) != libvirt.VIR_DOMAIN_RUNNING:
+        for d in rec.disks:
+            blockgraph.set_drive(dom, d.qdev, d.filter_node)
+        killpoint("snapshot-create:filter-inserted")
+        return
+    limit = sess.cfg.pause_guard_timeout
+    with PauseGuard(dom.connect().getURI(), sess.uuid, limit) as guard:
+        virt.suspend(dom)
+        guard.paused()
+        started = time.monotonic()
+        try:
+            killpoint("snapshot-create:guest-paused")
+            for d in rec.disks:
+                blockgraph.set_drive(dom, d.qdev, d.filter_node)
+            killpoint("snapshot-create:filter-inserted")
+        finally:
+            virt.resume(dom)
+            guard.resumed()
+        paused = time.monotonic() - started
+    log.debug("domain %s: guest paused %.1f ms for snapshot %s",
+              dom.name(), paused * 1000, rec.name)
+    if paused > limit:
+        raise errors.OperationInvalid(
+            f"the guest stayed paused {paused:.1f} s, longer than pause_guard_timeout; "
+            f"the disks may not be at one instant, so the snapshot was not kept")
+
+
+def _build(sess: Session, rec: SnapshotRecord) -> None:
+    dom = sess.dom
+    for d in rec.disks:
+        fd = fleecefile.create(d.file, d.capacity, fleecefile.owner_tag(sess.uuid, rec.id, d.name))
+        killpoint("snapshot-create:file-created")
+        try:
+            blockgraph.add_fd(dom, fd, d.fdset, f"libvirt-fleece {rec.name} {d.name}")
+        finally:
+            os.close(fd)
+        killpoint("snapshot-create:fd-added")
+        blockgraph.add_fleece_node(dom, d.fleece_node, d.fdset)
+        killpoint("snapshot-create:fleece-node-added")
+        blockgraph.add_filter(dom, d.filter_node, d.below, d.fleece_node)
+        killpoint("snapshot-create:filter-added")
+    _insert_filters(sess, rec)
+    for d in rec.disks:
+        blockgraph.add_access(dom, d.access_node, d.filter_node)
+        killpoint("snapshot-create:access-node-added")
+
+
+def teardown(sess: Session, rec: SnapshotRecord, killpoints: bool = False) -> None:
+    """Remove whatever exists of a snapshot, newest step first; tolerate missing parts."""
+    dom = sess.dom
+    nodes = blockgraph.node_names(dom)
+    devs = blockgraph.devices(dom)
+
+    def step(name: str) -> None:
+        if killpoints:
+            killpoint(f"snapshot-delete:{name}")
+
+    for d in reversed(rec.disks):
+        blockgraph.remove_node(dom, d.access_node, nodes)
+        step("access-node-removed")
+        dev = devs.get(d.qdev)
+        if dev is not None and dev["inserted"]["node-name"] == d.filter_node:
+            blockgraph.set_drive(dom, d.qdev, d.below)
+        blockgraph.remove_node(dom, d.filter_node, nodes)
+        step("filter-removed")
+        blockgraph.remove_node(dom, d.fleece_node, nodes)
+        blockgraph.remove_fdset(dom, d.fdset)
+        step("fleece-node-removed")
+        fleecefile.remove(d.file, fleecefile.owner_tag(sess.uuid, rec.id, d.name))
+        step("file-removed")
+
+
+def create(dom: libvirt.virDomain, xmlDesc: str, flags: int = 0) -> BlockSnapshot:
+    check_flags(flags, _CREATE_FLAGS, "blockSnapshotCreateXML")
+    if flags & VIR_DOMAIN_BLOCK_SNAPSHOT_CREATE_CHECKPOINT:
+        raise errors.InvalidArgument("checkpoints are not supported yet")
+    spec = documents.parse_snapshot(xmlDesc)
+    with open_session(dom) as sess:
+        rec = _plan(sess, spec)
+        sess.state.snapshots.append(rec)
+        sess.save()
+        killpoint("snapshot-create:recorded")
+        try:
+            _build(sess, rec)
+            rec.state = metadata.READY
+            sess.save()
+        except BaseException:
+            log.exception("domain %s: creating snapshot %s failed; undoing", dom.name(), rec.name)
+            _unwind(sess, rec)
+            raise
+        killpoint("snapshot-create:ready")
+        log.info("domain %s: created snapshot %s of %s", dom.name(), rec.name,
+                 ", ".join(d.name for d in rec.disks))
+        return BlockSnapshot(dom, rec.name)
+
+
+def _unwind(sess: Session, rec: SnapshotRecord) -> None:
+    try:
+        teardown(sess, rec)
+    except errors.Error:
+        log.exception("domain %s: undoing snapshot %s failed; the next call retries",
+                      sess.dom.name(), rec.name)
+        return
+    sess.state.snapshots.remove(rec)
+    sess.save()
+
+
+def list_all(dom: libvirt.virDomain, flags: int = 0) -> list[BlockSnapshot]:
+    check_flags(flags, 0, "blockSnapshotList")
+    with open_session(dom) as sess:
+        return [BlockSnapshot(dom, s.name) for s in sess.state.snapshots]
+
+
+def lookup(dom: libvirt.virDomain, name: str, flags: int = 0) -> BlockSnapshot:
+    check_flags(flags, 0, "blockSnapshotLookupByName")
+    if not isinstance(name, str):
+        raise errors.InvalidArgument("snapshot name must be a string")
+    with open_session(dom) as sess:
+        return BlockSnapshot(dom, _lookup(sess, name).name)
+
+
+def record(sess: Session, name: str) -> Optional[SnapshotRecord]:
+    return sess.state.snapshot(name)
