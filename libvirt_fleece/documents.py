@@ -97,8 +97,8 @@ def parse_export(xml: str) -> ExportSpec:
     disks = [ExportDiskSpec(el.get("name"), el.get("snapshot"), el.get("exportname"),
                             el.get("checkpoint"))
              for el in root.findall("disk")]
-    _no_duplicates([(d.name, d.snapshot) for d in disks], "disk and snapshot", doc)
-    _no_duplicates([d.exportname for d in disks if d.exportname], "export name", doc)
+    _no_duplicates([d.exportname or f"{d.name}-{d.snapshot}" for d in disks],
+                   "export name", doc)
     return ExportSpec(address=parse_address(root.find("address")), disks=disks)
 
 

@@ -196,10 +196,6 @@ def _plan_exports(sess: Session, spec: documents.ExportSpec) -> list[tuple[Expor
         if disk is None:
             raise errors.NotFound(f"snapshot {ds.snapshot!r} has no disk {ds.name!r} (it has "
                                   f"{', '.join(d.name for d in snap.disks)})")
-        for e in existing:
-            if e.disk == ds.name and e.snapshot == ds.snapshot:
-                raise errors.AlreadyExists(
-                    f"disk {ds.name!r} of snapshot {ds.snapshot!r} is already exported as {e.name!r}")
         name = ds.exportname or f"{ds.name}-{ds.snapshot}"
         if name in taken_names:
             raise errors.AlreadyExists(f"export name {name!r} is already in use")
