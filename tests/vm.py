@@ -24,7 +24,7 @@ def kvm_usable() -> bool:
 
 
 def domain_xml(name: str, disks: list[dict], kernel: Optional[dict] = None,
-               memory_mib: int = 64) -> str:
+               memory_mib: int = 64, cdrom: bool = False) -> str:
     """A small domain; each disk dict has path, format, dev (vda...)."""
     dtype = "kvm" if kvm_usable() else "qemu"
     os_extra = ""
@@ -36,6 +36,9 @@ def domain_xml(name: str, disks: list[dict], kernel: Optional[dict] = None,
               <driver name='qemu' type='{d["format"]}' cache='none'/>
               <source file='{d["path"]}'/><target dev='{d["dev"]}' bus='virtio'/>
             </disk>""" for d in disks)
+    if cdrom:
+        disk_xml += ("<disk type='file' device='cdrom'><driver name='qemu' type='raw'/>"
+                     "<target dev='hdc' bus='ide'/><readonly/></disk>")
     return f"""<domain type='{dtype}'>
       <name>{name}</name><memory unit='MiB'>{memory_mib}</memory><vcpu>1</vcpu>
       <os><type arch='x86_64' machine='pc'>hvm</type>{os_extra}</os>
@@ -48,8 +51,11 @@ def domain_xml(name: str, disks: list[dict], kernel: Optional[dict] = None,
 class TestVM:
     """A transient domain with qcow2 (or raw) disks in its own image directory."""
 
+    __test__ = False
+
     def __init__(self, conn: libvirt.virConnect, disks: int = 1, size_mib: int = 64,
-                 fmt: str = "qcow2", kernel: Optional[dict] = None, tag: str = "") -> None:
+                 fmt: str = "qcow2", kernel: Optional[dict] = None, tag: str = "",
+                 cdrom: bool = False) -> None:
         self.conn = conn
         self.name = f"{PREFIX}{tag}{secrets.token_hex(4)}"
         self.dir = os.path.join(IMAGE_ROOT, self.name)
@@ -62,10 +68,12 @@ class TestVM:
                            check=True)
             self.disks.append({"dev": dev, "path": path, "format": fmt})
         self.kernel = kernel
+        self.cdrom = cdrom
         self.dom: Optional[libvirt.virDomain] = None
 
     def start(self) -> libvirt.virDomain:
-        self.dom = self.conn.createXML(domain_xml(self.name, self.disks, self.kernel), 0)
+        self.dom = self.conn.createXML(domain_xml(self.name, self.disks, self.kernel,
+                                                cdrom=self.cdrom), 0)
         return self.dom
 
     def qdev(self, dev: str) -> str:

@@ -1,0 +1,679 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""``virsh-fleece``: temporary block snapshots and NBD exports from the shell, virsh-style.
+
+Each subcommand is a small ``cmd_*`` function taking the :class:`Context`
+and the parsed arguments; the pure helpers (``--disk`` parsing, XML
+builders, table and size formatting) are unit-tested on their own.
+
+Exit status: 0 success, 1 an error (one line on stderr), 2 a usage error,
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+import time
+import traceback
+from typing import Callable, Optional, Sequence
+from urllib.parse import quote
+
+from lxml import etree
+
+import libvirt_fleece as fleece
+
+from . import errors, virt
+
+PROG = "virsh-fleece"
+
+log = logging.getLogger(__name__)
+
+# --- pure helpers ----------------------------------------------------------------
+
+SNAPSHOT_DISK_KEYS = ("fleece",)
+EXPORT_START_DISK_KEYS = ("snapshot", "exportname", "checkpoint")
+EXPORT_STOP_DISK_KEYS = ("snapshot", "exportname")
+
+
+@dataclasses.dataclass(frozen=True)
+class DiskSpec:
+    """One ``--disk`` option: the disk's target name and its key=value options."""
+    name: str
+    options: dict
+
+    def get(self, key: str) -> Optional[str]:
+        return self.options.get(key)
+
+
+def _split_fields(text: str) -> list[str]:
+    """Split on commas; ``,,`` stands for a literal comma (as in virsh and qemu)."""
+    fields, current, i = [], [], 0
+    while i < len(text):
+        if text[i] == ",":
+            if text[i + 1:i + 2] == ",":
+                current.append(",")
+                i += 2
+                continue
+            fields.append("".join(current))
+            current = []
+        else:
+            current.append(text[i])
+        i += 1
+    fields.append("".join(current))
+    return fields
+
+
+def parse_disk_spec(text: str, keys: Sequence[str] = (),
+                    required: Sequence[str] = ()) -> DiskSpec:
+    """Parse ``vda[,key=value]...`` into a DiskSpec.
+
+    The first field is the disk name; then ``key=value`` pairs with keys from
+    ``keys``; keys in ``required`` must be present. A comma inside a value is
+    written ``,,``. Raises argparse.ArgumentTypeError naming the problem.
+    """
+    fields = _split_fields(text)
+    name = fields[0]
+    if not name:
+        raise argparse.ArgumentTypeError(f"{text!r}: the disk name (such as vda) comes first")
+    if "=" in name:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: the first field must be the disk name (such as vda), not {name!r}")
+    options: dict[str, str] = {}
+    for field in fields[1:]:
+        key, sep, value = field.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"{text!r}: {field!r} is not key=value")
+        if key not in keys:
+            known = ", ".join(keys) if keys else "none"
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: unknown key {key!r} (known keys: {known})")
+        if not value:
+            raise argparse.ArgumentTypeError(f"{text!r}: empty value for {key!r}")
+        if key in options:
+            raise argparse.ArgumentTypeError(f"{text!r}: key {key!r} is given twice")
+        options[key] = value
+    missing = [k for k in required if k not in options]
+    if missing:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: missing {', '.join(k + '=' for k in missing)}")
+    return DiskSpec(name, options)
+
+
+def disk_spec_type(keys: Sequence[str], required: Sequence[str] = ()) -> Callable[[str], DiskSpec]:
+    """An argparse ``type=`` for ``--disk`` with these keys."""
+    def convert(text: str) -> DiskSpec:
+        return parse_disk_spec(text, keys, required)
+    convert.__name__ = "disk spec"     # argparse names the type in some messages
+    return convert
+
+
+def _tostring(root: etree._Element) -> str:
+    return etree.tostring(root, pretty_print=True, encoding="unicode")
+
+
+def snapshot_xml(name: Optional[str], disks: Sequence[DiskSpec]) -> str:
+    """A <domainblocksnapshot> request (no disks: all disks that can be snapshotted)."""
+    root = etree.Element("domainblocksnapshot")
+    if name:
+        etree.SubElement(root, "name").text = name
+    for d in disks:
+        el = etree.SubElement(root, "disk", name=d.name)
+        if d.get("fleece"):
+            etree.SubElement(el, "fleece", file=d.get("fleece"))
+    return _tostring(root)
+
+
+def export_xml(disks: Sequence[DiskSpec], socket: Optional[str] = None,
+               host: Optional[str] = None, port: Optional[int] = None) -> str:
+    """A <domainblockexport type='nbd'> request; no socket and no host: the default socket."""
+    root = etree.Element("domainblockexport", type="nbd")
+    if socket is not None:
+        etree.SubElement(root, "address", type="unix", socket=socket)
+    elif host is not None:
+        addr = etree.SubElement(root, "address", type="ip", host=host)
+        if port is not None:
+            addr.set("port", str(port))
+    for d in disks:
+        attrs = {"name": d.name}
+        for key in EXPORT_START_DISK_KEYS:
+            if d.get(key):
+                attrs[key] = d.get(key)
+        etree.SubElement(root, "disk", **attrs)
+    return _tostring(root)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportRow:
+    exportname: str
+    disk: str
+    snapshot: str
+    address: str
+    uri: str
+
+
+def nbd_uri(exportname: str, socket: Optional[str] = None, host: Optional[str] = None,
+            port: Optional[int] = None) -> str:
+    """The NBD URI of an export (as nbdinfo, nbdcopy and qemu-img accept it)."""
+    name = quote(exportname, safe="+:@")
+    if socket is not None:
+        return f"nbd+unix:///{name}?socket={quote(socket, safe='/')}"
+    if host and ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"nbd://{host}:{port}/{name}" if port is not None else f"nbd://{host}/{name}"
+
+
+def parse_export_list(documents: Sequence[str]) -> list[ExportRow]:
+    """Rows of the <blockexport> documents blockExportList returns."""
+    rows = []
+    for doc in documents:
+        root = etree.fromstring(doc.encode("utf-8"))
+        addr = root.find("address")
+        socket = host = port = None
+        if addr is not None and addr.get("type") == "unix":
+            socket = addr.get("socket")
+            address = f"unix:{socket}"
+        elif addr is not None:
+            host = addr.get("host")
+            port = int(addr.get("port")) if addr.get("port") else None
+            address = f"{host}:{port}" if port is not None else host
+        else:
+            address = "-"
+        for d in root.findall("disk"):
+            name = d.get("exportname") or ""
+            rows.append(ExportRow(name, d.get("name") or "", d.get("snapshot") or "",
+                                  address, nbd_uri(name, socket, host, port)))
+    return rows
+
+
+@dataclasses.dataclass(frozen=True)
+class SnapshotRow:
+    name: str
+    created: Optional[int]
+    disks: list
+    allocation: int
+
+
+def parse_snapshot_desc(xml: str) -> SnapshotRow:
+    """The list row of a snapshot's getXMLDesc() document."""
+    root = etree.fromstring(xml.encode("utf-8"))
+    created = root.findtext("creationTime")
+    disks, allocation = [], 0
+    for d in root.findall("disk"):
+        disks.append(d.get("name"))
+        fl = d.find("fleece")
+        if fl is not None and fl.get("allocation"):
+            allocation += int(fl.get("allocation"))
+    return SnapshotRow(root.findtext("name") or "", int(created) if created else None,
+                       disks, allocation)
+
+
+def human_size(n: int) -> str:
+    """Bytes in binary units, one decimal at most: ``0 B``, ``512 KiB``, ``1.5 MiB``."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            break
+        value /= 1024
+    if unit == "B":
+        return f"{int(value)} B"
+    text = f"{value:.1f}"
+    return f"{text[:-2] if text.endswith('.0') else text} {unit}"
+
+
+def format_time(epoch: Optional[int]) -> str:
+    """Local time like virsh snapshot-list: ``2026-11-29 21:00:00 +0000``."""
+    if epoch is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(epoch))
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]],
+                 header: bool = True) -> str:
+    """A table like ``virsh list``: a leading space, columns three spaces apart."""
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        return (" " + "   ".join(c.ljust(w) for c, w in zip(cells, widths))).rstrip()
+
+    out = []
+    if header:
+        head = line(headers)
+        out += [head, "-" * (len(head) + 2)]
+    out += [line(r) for r in rows]
+    return "\n".join(out)
+
+
+# --- the commands -------------------------------------------------------------------
+
+class Context:
+    """What commands share: the connection (opened on first use) and the output."""
+
+    def __init__(self, uri: Optional[str], quiet: bool) -> None:
+        self.uri = uri
+        self.quiet = quiet
+        self._conn = None
+
+    @property
+    def conn(self):
+        if self._conn is None:
+            self._conn = virt.open_connection(self.uri)
+        return self._conn
+
+    def domain(self, ident: str):
+        return virt.lookup_domain(self.conn, ident)
+
+    def say(self, text: str) -> None:
+        """A confirmation message, suppressed by --quiet."""
+        if not self.quiet:
+            print(text)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except Exception:   # noqa: BLE001 - closing must not hide the real outcome
+                pass
+            self._conn = None
+
+
+def read_xml_file(path: str) -> str:
+    """The contents of FILE, or of stdin for ``-``. Raises InvalidArgument."""
+    if path == "-":
+        return sys.stdin.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise errors.InvalidArgument(f"cannot read {path}: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise errors.InvalidArgument(f"cannot read {path}: not UTF-8 text") from e
+
+
+def _export_rows(dom) -> list[ExportRow]:
+    return parse_export_list(fleece.blockExportList(dom))
+
+
+def _start_exports(ctx: Context, dom, xml: str) -> int:
+    before = {r.exportname for r in _export_rows(dom)}
+    fleece.blockExportStart(dom, xml)
+    for r in _export_rows(dom):
+        if r.exportname not in before:
+            ctx.say(f"Block export {r.exportname} started: {r.uri}")
+    return 0
+
+
+def _stop_exports(ctx: Context, dom, xml: str, force: bool) -> int:
+    before = _export_rows(dom)
+    flags = fleece.VIR_DOMAIN_BLOCK_EXPORT_STOP_FORCE if force else 0
+    fleece.blockExportStop(dom, xml, flags)
+    after = {r.exportname for r in _export_rows(dom)}
+    for r in before:
+        if r.exportname not in after:
+            ctx.say(f"Block export {r.exportname} stopped")
+    return 0
+
+
+def cmd_blocksnapshot_create(ctx: Context, args: argparse.Namespace) -> int:
+    xml = read_xml_file(args.file)
+    snap = fleece.blockSnapshotCreateXML(ctx.domain(args.domain), xml)
+    ctx.say(f"Block snapshot {snap.getName()} created")
+    return 0
+
+
+def cmd_blocksnapshot_create_as(ctx: Context, args: argparse.Namespace) -> int:
+    xml = snapshot_xml(args.name, args.disk)
+    if args.print_xml:
+        print(xml, end="")
+        return 0
+    flags = fleece.VIR_DOMAIN_BLOCK_SNAPSHOT_CREATE_CHECKPOINT if args.checkpoint else 0
+    snap = fleece.blockSnapshotCreateXML(ctx.domain(args.domain), xml, flags)
+    ctx.say(f"Block snapshot {snap.getName()} created")
+    return 0
+
+
+def cmd_blocksnapshot_list(ctx: Context, args: argparse.Namespace) -> int:
+    dom = ctx.domain(args.domain)
+    rows = []
+    for snap in fleece.blockSnapshotList(dom):
+        try:
+            rows.append(parse_snapshot_desc(snap.getXMLDesc()))
+        except fleece.NotFound:
+            continue        # deleted meanwhile
+    if args.name:
+        for r in rows:
+            print(r.name)
+        return 0
+    print(format_table(
+        ("Name", "Creation Time", "Disks", "Fleece allocation"),
+        [(r.name, format_time(r.created), ",".join(r.disks), human_size(r.allocation))
+         for r in rows], header=not ctx.quiet))
+    return 0
+
+
+def cmd_blocksnapshot_dumpxml(ctx: Context, args: argparse.Namespace) -> int:
+    snap = fleece.blockSnapshotLookupByName(ctx.domain(args.domain), args.name)
+    print(snap.getXMLDesc(), end="")
+    return 0
+
+
+def cmd_blocksnapshot_delete(ctx: Context, args: argparse.Namespace) -> int:
+    snap = fleece.blockSnapshotLookupByName(ctx.domain(args.domain), args.name)
+    flags = fleece.VIR_DOMAIN_BLOCK_SNAPSHOT_DELETE_STOP_EXPORTS if args.stop_exports else 0
+    snap.delete(flags)
+    ctx.say(f"Block snapshot {snap.getName()} deleted")
+    return 0
+
+
+def cmd_blockexport_start(ctx: Context, args: argparse.Namespace) -> int:
+    xml = read_xml_file(args.file)
+    return _start_exports(ctx, ctx.domain(args.domain), xml)
+
+
+def cmd_blockexport_start_as(ctx: Context, args: argparse.Namespace) -> int:
+    xml = export_xml(args.disk, socket=args.socket, host=args.host, port=args.port)
+    if args.print_xml:
+        print(xml, end="")
+        return 0
+    return _start_exports(ctx, ctx.domain(args.domain), xml)
+
+
+def cmd_blockexport_stop(ctx: Context, args: argparse.Namespace) -> int:
+    xml = read_xml_file(args.file)
+    return _stop_exports(ctx, ctx.domain(args.domain), xml, args.force)
+
+
+def cmd_blockexport_stop_as(ctx: Context, args: argparse.Namespace) -> int:
+    xml = export_xml(args.disk)
+    if args.print_xml:
+        print(xml, end="")
+        return 0
+    return _stop_exports(ctx, ctx.domain(args.domain), xml, args.force)
+
+
+def cmd_blockexport_list(ctx: Context, args: argparse.Namespace) -> int:
+    dom = ctx.domain(args.domain)
+    if args.xml:
+        for doc in fleece.blockExportList(dom):
+            print(doc, end="" if doc.endswith("\n") else "\n")
+        return 0
+    rows = _export_rows(dom)
+    print(format_table(("Export name", "Disk", "Snapshot", "Address", "URI"),
+                       [(r.exportname, r.disk, r.snapshot, r.address, r.uri) for r in rows],
+                       header=not ctx.quiet))
+    return 0
+
+
+def cmd_demo(ctx: Context, args: argparse.Namespace) -> int:
+    from . import demo
+    return demo.run(ctx.conn, keep=args.keep)
+
+
+# --- the parser ---------------------------------------------------------------------
+
+TOP_EPILOG = """\
+Examples:
+  virsh-fleece blocksnapshot-create-as web1 --name nightly --disk vda --disk vdb
+  virsh-fleece blockexport-start-as web1 --disk vda,snapshot=nightly
+  virsh-fleece blockexport-list web1
+  nbdcopy 'nbd+unix:///vda-nightly?socket=/run/libvirt-fleece/web1.sock' vda.raw
+  virsh-fleece blocksnapshot-delete web1 nightly --stop-exports
+  virsh-fleece demo                 # the whole cycle on a throwaway domain
+
+Run 'virsh-fleece COMMAND --help' for a command's options and examples.
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Subparsers inherit the formatter that keeps the examples' line breaks."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def _add(sub, name: str, func, help: str, examples: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=help[:1].upper() + help[1:] + ".",
+                       epilog="Examples:\n" + examples)
+    p.set_defaults(func=func, subparser=p)
+    return p
+
+
+def _domain(p: argparse.ArgumentParser) -> None:
+    p.add_argument("domain", metavar="DOMAIN", help="domain name, UUID or id")
+
+
+def _add_snapshot_commands(sub) -> None:
+    p = _add(sub, "blocksnapshot-create", cmd_blocksnapshot_create,
+             "create a temporary block snapshot from an XML file", """\
+  virsh-fleece blocksnapshot-create web1 snap.xml
+  echo "<domainblocksnapshot><name>s1</name><disk name='vda'/></domainblocksnapshot>" |
+      virsh-fleece blocksnapshot-create web1 -
+""")
+    _domain(p)
+    p.add_argument("file", metavar="FILE", help="<domainblocksnapshot> XML file, - for stdin")
+
+    p = _add(sub, "blocksnapshot-create-as", cmd_blocksnapshot_create_as,
+             "create a temporary block snapshot from options", """\
+  virsh-fleece blocksnapshot-create-as web1 --name nightly
+  virsh-fleece blocksnapshot-create-as web1 --name s1 --disk vda --disk vdb
+  virsh-fleece blocksnapshot-create-as web1 --disk vda,fleece=/srv/fleece/web1-vda.qcow2
+  virsh-fleece blocksnapshot-create-as web1 --name s1 --disk vda --print-xml
+""")
+    _domain(p)
+    p.add_argument("--name", help="snapshot name (default: a generated UUID)")
+    p.add_argument("--disk", action="append", default=[], metavar="DISK[,fleece=PATH]",
+                   type=disk_spec_type(SNAPSHOT_DISK_KEYS),
+                   help="a disk to snapshot, optionally with its fleece image path "
+                        "(repeatable; default: every disk that can be snapshotted)")
+    p.add_argument("--checkpoint", action="store_true",
+                   help="also start a checkpoint (not supported yet)")
+    p.add_argument("--print-xml", action="store_true",
+                   help="print the XML instead of creating the snapshot")
+
+    p = _add(sub, "blocksnapshot-list", cmd_blocksnapshot_list,
+             "list a domain's temporary block snapshots", """\
+  virsh-fleece blocksnapshot-list web1
+  virsh-fleece blocksnapshot-list web1 --name
+""")
+    _domain(p)
+    p.add_argument("--name", action="store_true", help="print only the snapshot names")
+
+    p = _add(sub, "blocksnapshot-dumpxml", cmd_blocksnapshot_dumpxml,
+             "print a block snapshot's XML", """\
+  virsh-fleece blocksnapshot-dumpxml web1 nightly
+""")
+    _domain(p)
+    p.add_argument("name", metavar="NAME", help="snapshot name")
+
+    p = _add(sub, "blocksnapshot-delete", cmd_blocksnapshot_delete,
+             "delete a temporary block snapshot and its fleece images", """\
+  virsh-fleece blocksnapshot-delete web1 nightly
+  virsh-fleece blocksnapshot-delete web1 nightly --stop-exports
+""")
+    _domain(p)
+    p.add_argument("name", metavar="NAME", help="snapshot name")
+    p.add_argument("--stop-exports", action="store_true",
+                   help="stop the snapshot's exports first (instead of refusing)")
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is not in 0-65535")
+    return port
+
+
+def _add_export_commands(sub) -> None:
+    p = _add(sub, "blockexport-start", cmd_blockexport_start,
+             "export snapshots over NBD from an XML file", """\
+  virsh-fleece blockexport-start web1 export.xml
+  echo "<domainblockexport type='nbd'><disk name='vda' snapshot='s1'/></domainblockexport>" |
+      virsh-fleece blockexport-start web1 -
+""")
+    _domain(p)
+    p.add_argument("file", metavar="FILE", help="<domainblockexport> XML file, - for stdin")
+
+    p = _add(sub, "blockexport-start-as", cmd_blockexport_start_as,
+             "export snapshots over NBD from options", """\
+  virsh-fleece blockexport-start-as web1 --disk vda,snapshot=s1
+  virsh-fleece blockexport-start-as web1 --disk vda,snapshot=s1,exportname=web1-vda \\
+      --socket /run/backup/web1.sock
+  virsh-fleece blockexport-start-as web1 --disk vda,snapshot=s1 --host 127.0.0.1 --port 10809
+  virsh-fleece blockexport-start-as web1 --disk vda,snapshot=s1 --print-xml
+""")
+    _domain(p)
+    p.add_argument("--disk", action="append", required=True,
+                   metavar="DISK,snapshot=S[,exportname=N][,checkpoint=C]",
+                   type=disk_spec_type(EXPORT_START_DISK_KEYS, required=("snapshot",)),
+                   help="a disk of a snapshot to export (repeatable)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--socket", metavar="PATH",
+                       help="listen on this unix socket (default: "
+                            "/run/libvirt-fleece/DOMAIN.sock)")
+    where.add_argument("--host", help="listen on this IP address (no TLS: prefer a socket)")
+    p.add_argument("--port", type=_port, help="TCP port with --host (default 10809)")
+    p.add_argument("--print-xml", action="store_true",
+                   help="print the XML instead of starting the export")
+
+    p = _add(sub, "blockexport-stop", cmd_blockexport_stop,
+             "stop NBD exports given in an XML file", """\
+  virsh-fleece blockexport-stop web1 export.xml
+  virsh-fleece blockexport-stop web1 export.xml --force
+""")
+    _domain(p)
+    p.add_argument("file", metavar="FILE", help="<domainblockexport> XML file, - for stdin")
+    p.add_argument("--force", action="store_true", help="disconnect connected clients")
+
+    p = _add(sub, "blockexport-stop-as", cmd_blockexport_stop_as,
+             "stop NBD exports given by options", """\
+  virsh-fleece blockexport-stop-as web1 --disk vda,snapshot=s1
+  virsh-fleece blockexport-stop-as web1 --disk vda,snapshot=s1,exportname=web1-vda --force
+""")
+    _domain(p)
+    p.add_argument("--disk", action="append", required=True,
+                   metavar="DISK,snapshot=S[,exportname=N]",
+                   type=disk_spec_type(EXPORT_STOP_DISK_KEYS, required=("snapshot",)),
+                   help="an exported disk of a snapshot (repeatable)")
+    p.add_argument("--force", action="store_true", help="disconnect connected clients")
+    p.add_argument("--print-xml", action="store_true",
+                   help="print the XML instead of stopping the export")
+
+    p = _add(sub, "blockexport-list", cmd_blockexport_list,
+             "list a domain's NBD exports with their URIs", """\
+  virsh-fleece blockexport-list web1
+  virsh-fleece blockexport-list web1 --xml
+""")
+    _domain(p)
+    p.add_argument("--xml", action="store_true", help="print the raw <blockexport> documents")
+
+
+def _add_demo_command(sub) -> None:
+    p = _add(sub, "demo", cmd_demo,
+             "snapshot, export and copy a throwaway domain's disk, and verify the copy", """\
+  virsh-fleece demo
+  virsh-fleece --debug demo
+  virsh-fleece demo --keep    # leave the domain, snapshot and export for a look
+""")
+    p.add_argument("--keep", action="store_true",
+                   help="do not clean up; print what was left and how to remove it")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG, epilog=TOP_EPILOG,
+        description="Temporary block snapshots (image fleecing) and NBD exports of "
+                    "running libvirt domains.")
+    parser.add_argument("-c", "--connect", metavar="URI",
+                        help="libvirt URI (default: $LIBVIRT_DEFAULT_URI, else qemu:///system)")
+    parser.add_argument("--debug", action="store_true",
+                        help="log debug messages (QMP included) and show tracebacks")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no confirmation messages and no table headers")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {fleece.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                                parser_class=_Parser)
+    _add_snapshot_commands(sub)
+    _add_export_commands(sub)
+    _add_demo_command(sub)
+    return parser
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse the command line; exits 2 on a usage error."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "port", None) is not None and args.host is None:
+        args.subparser.error("--port needs --host")
+    return args
+
+
+# --- main ---------------------------------------------------------------------------
+
+class _Formatter(logging.Formatter):
+    """``virsh-fleece: warning: ...``; with --debug also the logger and tracebacks."""
+
+    def __init__(self, debug: bool) -> None:
+        super().__init__()
+        self.debug = debug
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = record.levelname.lower()
+        if not self.debug:
+            return f"{PROG}: {level}: {record.getMessage()}"
+        text = f"{PROG}: {level}: {record.name}: {record.getMessage()}"
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
+
+
+def setup_logging(debug: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter(debug))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if debug else logging.WARNING)
+
+
+def _error(text: str) -> None:
+    print(f"{PROG}: error: {text}", file=sys.stderr)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The ``virsh-fleece`` entry point; returns the exit status."""
+    args = parse_args(argv)
+    setup_logging(args.debug)
+    ctx = Context(args.connect, args.quiet)
+    try:
+        return args.func(ctx, args)
+    except errors.Error as e:
+        if args.debug:
+            traceback.print_exc()
+        _error(str(e))
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # the reader went away (| head): not an error; keep Python from complaining at exit
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except Exception as e:  # noqa: BLE001 - the last line of defence
+        if args.debug:
+            traceback.print_exc()
+            _error(f"unexpected {type(e).__name__}: {e}")
+        else:
+            _error(f"unexpected {type(e).__name__}: {e} (run with --debug for the traceback)")
+        return 1
+    finally:
+        ctx.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

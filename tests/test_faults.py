@@ -1,0 +1,136 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""A process killed after any step, and several processes at once, lose nothing and leak nothing."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+
+import libvirt
+import pytest
+
+import libvirt_fleece as lf
+from libvirt_fleece.faults import ENV, KILL_POINTS
+from conftest import plugin_leftovers
+from vm import MiB, TestVM, expected_image, read_export
+
+pytestmark = pytest.mark.integration
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SNAP = "<domainblocksnapshot><name>k</name></domainblocksnapshot>"
+EXPORT = "<domainblockexport type='nbd'><disk name='vda' snapshot='k'/></domainblockexport>"
+SIZE = 64 * MiB
+
+
+def api(dom_name, *args, kill_at=None, timeout=60):
+    env = dict(os.environ)
+    if kill_at:
+        env[ENV] = kill_at
+    return subprocess.run([sys.executable, os.path.join(HERE, "apicall.py"), dom_name, *args],
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def victim(conn):
+    t = TestVM(conn, disks=2, tag="kill-")
+    t.start()
+    t.write("vda", 0x5C, 0, MiB)
+    yield t
+    t.cleanup()
+
+
+def clean_slate(t):
+    for s in reversed(lf.blockSnapshotList(t.dom)):
+        s.delete(lf.VIR_DOMAIN_BLOCK_SNAPSHOT_DELETE_STOP_EXPORTS)
+    assert plugin_leftovers(t.dom) == {}
+
+
+def fleece_files(t):
+    d = "/var/lib/libvirt/fleece"
+    return sorted(f for f in os.listdir(d) if f.startswith(t.name)) if os.path.isdir(d) else []
+
+
+def prepare(t, point):
+    """Bring the domain to the state the killed operation starts from; return the op."""
+    op = point.split(":")[0]
+    if op == "snapshot-create":
+        return ["create", SNAP]
+    lf.blockSnapshotCreateXML(t.dom, SNAP)
+    if op == "snapshot-delete":
+        return ["delete", "k"]
+    if op == "export-start":
+        return ["export-start", EXPORT]
+    lf.blockExportStart(t.dom, EXPORT)
+    return ["export-stop", EXPORT]
+
+
+@pytest.mark.parametrize("point", KILL_POINTS)
+def test_killed_after_each_step_the_next_call_cleans_up(victim, point):
+    t = victim
+    clean_slate(t)
+    args = prepare(t, point)
+    proc = api(t.name, *args, kill_at=point)
+    assert proc.returncode == -9, f"kill point {point} not reached: {proc.stderr[-2000:]}"
+    # the guest is never left paused (the guard resumes it within a second or two)
+    deadline = time.monotonic() + 3
+    while t.dom.state()[0] != libvirt.VIR_DOMAIN_RUNNING and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert t.dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+    # the next call finishes or undoes the interrupted one
+    snaps = [s.getName() for s in lf.blockSnapshotList(t.dom)]
+    exports = lf.blockExportList(t.dom)
+    left = plugin_leftovers(t.dom)
+    if point == "snapshot-create:ready" or point.startswith("export-"):
+        assert snaps == ["k"]
+        assert len(fleece_files(t)) == 2
+        assert sorted(left) == ["drives", "fdsets", "nodes"]
+        assert len(left["nodes"]) == 6 + 2 and "exports" not in left
+        assert exports == []
+        # the surviving snapshot still gives exact data
+        lf.blockExportStart(t.dom, EXPORT)
+        sock = re.search(r'socket="([^"]+)"', lf.blockExportList(t.dom)[0]).group(1)
+        assert read_export(sock, "vda-k") == expected_image(SIZE, [(0x5C, 0, MiB)])
+        lf.blockSnapshotLookupByName(t.dom, "k").delete(
+            lf.VIR_DOMAIN_BLOCK_SNAPSHOT_DELETE_STOP_EXPORTS)
+    else:
+        assert snaps == [] and exports == []
+        assert left == {}
+        assert fleece_files(t) == []
+    assert plugin_leftovers(t.dom) == {}
+    assert not os.path.exists(f"/run/libvirt-fleece/{t.name}.sock")
+
+
+def test_concurrent_processes_lose_nothing_and_leak_nothing(make_vm):
+    t = make_vm(disks=1)
+    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "apicall.py"), t.name,
+                               "loop", "8", f"p{i}"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(4)]
+    total_ok = 0
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+        ok, nfail, kinds = out.strip().split(" ", 2)
+        total_ok += int(ok)
+        assert eval(kinds).keys() <= {"delete-order (retried)"}, err
+    assert total_ok >= 4
+    assert lf.blockSnapshotList(t.dom) == []
+    assert lf.blockExportList(t.dom) == []
+    assert plugin_leftovers(t.dom) == {}
+    assert fleece_files(t) == []
+
+
+def test_concurrent_creates_keep_every_record(make_vm):
+    t = make_vm(disks=1)
+    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "apicall.py"), t.name, "create",
+                               f"<domainblocksnapshot><name>c{i}</name></domainblocksnapshot>"],
+                              stderr=subprocess.PIPE, text=True) for i in range(6)]
+    for p in procs:
+        assert p.wait(timeout=120) == 0, p.stderr.read()
+    names = [s.getName() for s in lf.blockSnapshotList(t.dom)]
+    assert sorted(names) == [f"c{i}" for i in range(6)]
+    for s in reversed(lf.blockSnapshotList(t.dom)):
+        s.delete()
+    assert plugin_leftovers(t.dom) == {}
