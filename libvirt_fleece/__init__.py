@@ -7,6 +7,9 @@ Anything not listed in ``__all__`` is private.
 
 import logging
 
+from .checkpoints import BlockCheckpoint
+from .checkpoints import list_all as blockCheckpointList
+from .checkpoints import lookup as blockCheckpointLookupByName
 from .errors import (AlreadyExists, ConnectionError, Error, InternalError, InvalidArgument,
                      LibvirtError, NotFound, OperationInvalid, QMPError)
 from .exports import VIR_DOMAIN_BLOCK_EXPORT_STOP_FORCE
@@ -31,6 +34,10 @@ __all__ = [
     "BlockSnapshot",
     "VIR_DOMAIN_BLOCK_SNAPSHOT_CREATE_CHECKPOINT",
     "VIR_DOMAIN_BLOCK_SNAPSHOT_DELETE_STOP_EXPORTS",
+    # checkpoints
+    "blockCheckpointList",
+    "blockCheckpointLookupByName",
+    "BlockCheckpoint",
     # exports
     "blockExportStart",
     "blockExportStop",

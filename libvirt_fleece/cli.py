@@ -29,7 +29,6 @@ from . import errors, virt
 
 PROG = "virsh-fleece"
 
-log = logging.getLogger(__name__)
 
 # --- pure helpers ----------------------------------------------------------------
 

@@ -9,6 +9,7 @@ documents ``getXMLDesc`` and ``blockExportList`` return.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Optional
 
 from lxml import etree
@@ -63,10 +64,22 @@ def _no_duplicates(values: list, what: str, doc: str) -> None:
         seen.add(v)
 
 
+NAME_RULE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+:@-]{0,127}\Z")
+
+
+def check_name(name: Optional[str], what: str) -> None:
+    """Raises InvalidArgument, saying the rule, for a name the schema would refuse."""
+    if name is not None and not NAME_RULE.match(name):
+        raise errors.InvalidArgument(
+            f"{what} {name!r} is not a valid name: use 1 to 128 letters, digits and "
+            f"'._+:@-', starting with a letter or digit")
+
+
 def parse_snapshot(xml: str) -> SnapshotSpec:
     """Parse a <domainblocksnapshot> request. Raises InvalidArgument."""
     doc = "snapshot XML"
     root = xmlutil.parse(xml, doc)
+    check_name(root.findtext("name"), "snapshot name")
     xmlutil.validate(root, "domainblocksnapshot", doc)
     disks = []
     for el in root.findall("disk"):
@@ -93,6 +106,9 @@ def parse_export(xml: str) -> ExportSpec:
     root = xmlutil.parse(xml, doc)
     if root.tag != "domainblockexport":
         raise errors.InvalidArgument(f"{doc}: expected <domainblockexport>, got <{root.tag}>")
+    for el in root.findall("disk"):
+        for attr in ("snapshot", "checkpoint", "exportname"):
+            check_name(el.get(attr), attr)
     xmlutil.validate(root, "domainblockexport", doc)
     disks = [ExportDiskSpec(el.get("name"), el.get("snapshot"), el.get("exportname"),
                             el.get("checkpoint"))

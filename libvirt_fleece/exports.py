@@ -21,7 +21,7 @@ from typing import Optional
 
 import libvirt
 
-from . import blockgraph, documents, errors, metadata
+from . import bitmaps, blockgraph, checkpoints, documents, errors, metadata
 from .documents import Address
 from .faults import killpoint
 from .metadata import ExportRecord, ServerRecord
@@ -52,6 +52,13 @@ def _resolve_address(sess: Session, addr: Optional[Address]) -> Address:
 
 def _server_address(server: ServerRecord) -> Address:
     return Address(type=server.type, socket=server.socket, host=server.host, port=server.port)
+
+
+def _same_address(requested: Address, actual: Address) -> bool:
+    """Whether a requested address is the server's; port 0 means "any port"."""
+    if requested.type == "ip" and requested.port == 0:
+        requested = Address(type="ip", host=requested.host, port=actual.port)
+    return requested == actual
 
 
 def _check_unix_path(sess: Session, path: str) -> None:
@@ -110,11 +117,11 @@ def _bind(sess: Session, addr: Address) -> socket.socket:
             sock.close()
             raise errors.AlreadyExists(
                 f"cannot listen on {addr.describe()}: {e.strerror} (address in use?)") from e
-        if not ipaddress.ip_address(addr.host.strip("[]")).is_loopback:
-            log.warning("NBD export of domain %s listens on %s WITHOUT encryption or "
-                        "authentication: anyone who can reach it can read the disks",
-                        sess.dom.name(), addr.describe())
     sock.listen(16)
+    if addr.type == "ip" and not ipaddress.ip_address(addr.host.strip("[]")).is_loopback:
+        log.warning("NBD export of domain %s listens on %s:%d WITHOUT encryption or "
+                    "authentication: anyone who can reach it can read the disks",
+                    sess.dom.name(), addr.host, sock.getsockname()[1])
     return sock
 
 
@@ -178,16 +185,17 @@ def _server_may_be_ours(sess: Session) -> bool:
 
 # --- exports --------------------------------------------------------------------
 
-def _plan_exports(sess: Session, spec: documents.ExportSpec) -> list[tuple[ExportRecord, str]]:
-    """(record, node) per requested disk. Changes nothing."""
+def _plan_exports(sess: Session, spec: documents.ExportSpec
+                  ) -> list[tuple[ExportRecord, str, list[dict]]]:
+    """(record, node to export, bitmap actions) per requested disk. Changes nothing.
+
+    Raises NotFound, AlreadyExists, and for checkpoints InvalidArgument or
+    OperationInvalid."""
     existing = sess.state.exports()
     taken_names = {e.name for e in existing}
     taken_ids = {e.id for e in existing}
     planned = []
     for ds in spec.disks:
-        if ds.checkpoint is not None:
-            raise errors.InvalidArgument(
-                f"export of disk {ds.name!r}: checkpoint= is not supported yet")
         snap = sess.state.snapshot(ds.snapshot)
         if snap is None:
             raise errors.NotFound(f"no snapshot {ds.snapshot!r} in domain {sess.dom.name()!r}")
@@ -205,8 +213,15 @@ def _plan_exports(sess: Session, spec: documents.ExportSpec) -> list[tuple[Expor
             serial += 1
         eid = blockgraph.export_id(snap.id, index, serial)
         taken_ids.add(eid)
-        planned.append((ExportRecord(id=eid, disk=ds.name, snapshot=ds.snapshot, name=name,
-                                     state=metadata.CREATING), disk.access_node))
+        rec = ExportRecord(id=eid, disk=ds.name, snapshot=ds.snapshot, name=name,
+                           state=metadata.CREATING)
+        actions: list[dict] = []
+        if ds.checkpoint is not None:
+            rec.checkpoint, rec.node = ds.checkpoint, disk.base
+            rec.bitmap = f"{blockgraph.PREFIX}{snap.id}-{index}-bm{serial}"
+            actions = checkpoints.export_bitmap_actions(sess, snap, disk, ds.checkpoint,
+                                                        rec.bitmap)
+        planned.append((rec, disk.access_node, actions))
     return planned
 
 
@@ -217,8 +232,8 @@ def start(dom: libvirt.virDomain, xmlDesc: str, flags: int = 0) -> None:
         planned = _plan_exports(sess, spec)
         server = sess.state.server
         if server is not None:
-            if spec.address is not None and \
-                    _resolve_address(sess, spec.address) != _server_address(server):
+            if spec.address is not None and not _same_address(
+                    _resolve_address(sess, spec.address), _server_address(server)):
                 raise errors.AlreadyExists(
                     f"the NBD server of domain {dom.name()!r} already listens on "
                     f"{_server_address(server).describe()} (qemu has only one); omit "
@@ -227,29 +242,36 @@ def start(dom: libvirt.virDomain, xmlDesc: str, flags: int = 0) -> None:
             start_server(sess, _resolve_address(sess, spec.address))
         added = []
         try:
-            for rec, _node in planned:
+            for rec, _node, _actions in planned:
                 sess.state.server.exports.append(rec)
             sess.save()
-            for rec, node in planned:
-                blockgraph.export_add(dom, rec.id, node, rec.name)
+            for rec, node, actions in planned:
+                bitmaps.run(dom, actions)
+                blockgraph.export_add(dom, rec.id, node, rec.name,
+                                      [{"node": rec.node, "name": rec.bitmap}]
+                                      if rec.bitmap else None)
                 added.append(rec)
                 killpoint("export-start:export-added")
             for rec in added:
                 rec.state = metadata.READY
             sess.save()
         except BaseException:
-            for rec, _node in planned:
+            for rec, _node, _actions in planned:
                 remove_export(sess, rec, force=True)
             if not sess.state.server.exports:
                 stop_server(sess)
             sess.save()
             raise
-        log.info("domain %s: exported %s", dom.name(), ", ".join(r.name for r, _ in planned))
+        log.info("domain %s: exported %s", dom.name(), ", ".join(p[0].name for p in planned))
 
 
 def remove_export(sess: Session, rec: ExportRecord, force: bool) -> None:
     """Delete one export in qemu and from the state; tolerate a missing one."""
     blockgraph.export_del(sess.dom, rec.id, force=force)
+    if rec.bitmap:
+        present = {b.name for b in bitmaps.by_node(sess.dom).get(rec.node, [])}
+        if rec.bitmap in present:
+            bitmaps.run(sess.dom, [bitmaps.remove(rec.node, rec.bitmap)])
     server = sess.state.server
     if server is not None and rec in server.exports:
         server.exports.remove(rec)
@@ -279,15 +301,16 @@ def stop(dom: libvirt.virDomain, xmlDesc: str, flags: int = 0) -> None:
         existing = sess.state.exports()
         chosen = []
         for ds in spec.disks:
-            name = ds.exportname or f"{ds.name}-{ds.snapshot}"
-            rec = next((e for e in existing if e.disk == ds.name and e.snapshot == ds.snapshot
-                        and e.name == name), None)
-            if rec is None:
-                raise errors.NotFound(f"no export {name!r} of disk {ds.name!r} of snapshot "
+            # without exportname=, every export of that disk of that snapshot
+            recs = [e for e in existing if e.disk == ds.name and e.snapshot == ds.snapshot
+                    and ds.exportname in (None, e.name)]
+            if not recs:
+                what = f"export {ds.exportname!r}" if ds.exportname else "export"
+                raise errors.NotFound(f"no {what} of disk {ds.name!r} of snapshot "
                                       f"{ds.snapshot!r} (blockExportList shows the exports)")
-            chosen.append(rec)
-        if spec.address is not None and sess.state.server is not None and \
-                _resolve_address(sess, spec.address) != _server_address(sess.state.server):
+            chosen.extend(r for r in recs if r not in chosen)
+        if spec.address is not None and sess.state.server is not None and not _same_address(
+                _resolve_address(sess, spec.address), _server_address(sess.state.server)):
             raise errors.InvalidArgument(
                 f"the exports listen on {_server_address(sess.state.server).describe()}, "
                 f"not {spec.address.describe()}")
@@ -301,5 +324,6 @@ def list_all(dom: libvirt.virDomain, flags: int = 0) -> list[str]:
         if server is None:
             return []
         return [documents.export_list_document(_server_address(server), [
-            {"name": e.disk, "snapshot": e.snapshot, "exportname": e.name}
+            {"name": e.disk, "snapshot": e.snapshot, "checkpoint": e.checkpoint,
+             "exportname": e.name, "bitmap": e.bitmap}
             for e in server.exports])]

@@ -22,6 +22,7 @@ KILL_POINTS = (
     "snapshot-create:fleece-node-added",
     "snapshot-create:filter-added",
     "snapshot-create:guest-paused",
+    "snapshot-create:bitmaps-changed",
     "snapshot-create:filter-inserted",
     "snapshot-create:access-node-added",
     "snapshot-create:ready",
@@ -37,6 +38,8 @@ KILL_POINTS = (
     "export-stop:recorded",
     "export-stop:export-removed",
     "export-stop:server-stopped",
+    "checkpoint-delete:recorded",
+    "checkpoint-delete:bitmaps-merged",
 )
 
 

@@ -58,6 +58,9 @@ class DiskRecord:
     access_node: str
     fdset: int
     capacity: int
+    anchor_seq: int = 0             # newest checkpoint of the disk at snapshot time (0: none)
+    frozen: Optional[str] = None    # bitmap: changes from that checkpoint to the snapshot
+    disabled: Optional[str] = None  # checkpoint bitmap this snapshot's checkpoint disabled
 
 
 @dataclasses.dataclass
@@ -66,6 +69,8 @@ class SnapshotRecord:
     id: str
     state: str
     created: int
+    checkpoint: Optional[str] = None   # name of the checkpoint made with the snapshot
+    checkpoint_seq: int = 0
     disks: list[DiskRecord] = dataclasses.field(default_factory=list)
 
     def disk(self, name: str) -> Optional[DiskRecord]:
@@ -79,6 +84,9 @@ class ExportRecord:
     snapshot: str
     name: str
     state: str
+    checkpoint: Optional[str] = None
+    bitmap: Optional[str] = None       # temporary bitmap exported as qemu:dirty-bitmap:...
+    node: Optional[str] = None         # node holding that bitmap
 
 
 @dataclasses.dataclass
@@ -105,7 +113,8 @@ class State:
 
 
 _DISK_ATTRS = {"fleece_node": "fleece-node", "filter_node": "filter-node",
-               "access_node": "access-node"}
+               "access_node": "access-node", "anchor_seq": "anchor-seq",
+               "checkpoint_seq": "checkpoint-seq"}
 
 
 def _attr_name(field: str) -> str:
@@ -131,6 +140,8 @@ def _record_from_element(cls, el: etree._Element, **extra):
         if raw is None:
             continue
         kwargs[field.name] = int(raw) if field.type in ("int", "Optional[int]") else raw
+        if field.type == "int" and kwargs[field.name] < 0:
+            raise ValueError(f"negative {field.name}")
     return cls(**kwargs)
 
 

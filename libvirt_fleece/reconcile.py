@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 
-from . import exports, metadata, snapshots
+from . import bitmaps, checkpoints, exports, metadata, snapshots
 from .session import Session
 
 log = logging.getLogger(__name__)
@@ -42,3 +42,20 @@ def finish_interrupted(sess: Session) -> None:
         changed = True
     if changed:
         sess.save()
+    _remove_orphan_bitmaps(sess)
+    checkpoints.reconcile(sess)
+
+
+def _remove_orphan_bitmaps(sess: Session) -> None:
+    """Temporary bitmaps of ours that no snapshot or export references (a crash)."""
+    wanted = {(d.base, d.frozen) for s in sess.state.snapshots for d in s.disks if d.frozen}
+    wanted |= {(e.node, e.bitmap) for e in sess.state.exports() if e.bitmap}
+    actions = [bitmaps.remove(b.node, b.name)
+               for bs in bitmaps.by_node(sess.dom).values() for b in bs
+               if b.name.startswith(bitmaps.TEMP_PREFIX) and not b.persistent
+               and not b.name.startswith(bitmaps.CHECKPOINT_PREFIX)
+               and (b.node, b.name) not in wanted]
+    if actions:
+        log.warning("domain %s: removing %d orphaned temporary bitmap(s)",
+                    sess.dom.name(), len(actions))
+        bitmaps.run(sess.dom, actions)

@@ -25,8 +25,9 @@ from typing import Optional
 
 import libvirt
 
-from . import blockgraph, disks, documents, errors, fleecefile, metadata, virt
+from . import bitmaps, blockgraph, checkpoints, documents, errors, fleecefile, metadata, virt
 from .faults import killpoint
+from .livedisks import live_disks
 from .metadata import DiskRecord, SnapshotRecord
 from .pauseguard import PauseGuard
 from .session import Session, open_session
@@ -106,6 +107,7 @@ class BlockSnapshot:
             teardown(sess, rec, killpoints=True)
             sess.state.snapshots.remove(rec)
             sess.save()
+            checkpoints.reconcile(sess)
             log.info("domain %s: deleted snapshot %s", self._dom.name(), rec.name)
 
 
@@ -135,86 +137,85 @@ def _default_fleece_path(sess: Session, snap: str, disk: str) -> str:
     return os.path.join(sess.cfg.fleece_dir, f"{sess.dom.name()}.{snap}.{disk}.qcow2")
 
 
-def _stack_position(sess: Session, disk: str, top: str) -> tuple[str, str]:
-    """(base, below) for a new filter on a disk whose device points at ``top``.
+def _plan(sess: Session, spec: documents.SnapshotSpec,
+          make_checkpoint: bool) -> tuple[SnapshotRecord, list[dict]]:
+    """Check a request against the domain and plan all names and bitmap actions.
 
-    Raises OperationInvalid when ``top`` is neither libvirt's node nor one of
-    our filters (a block job or another tool owns the disk right now).
+    Changes nothing. Raises NotFound, InvalidArgument, AlreadyExists, OperationInvalid.
     """
-    for snap in sess.state.snapshots:
-        rec = snap.disk(disk)
-        if rec is not None and rec.filter_node == top:
-            return rec.base, top
-    if top.startswith("libvirt-"):
-        return top, top
-    raise errors.OperationInvalid(
-        f"disk {disk!r} of domain {sess.dom.name()!r} is in use by a block job or "
-        f"another tool (its top node is {top!r}); try again when that has finished")
-
-
-def _plan(sess: Session, spec: documents.SnapshotSpec) -> SnapshotRecord:
-    """Check a request against the domain and plan all names. Changes nothing."""
     dom = sess.dom
     name = spec.name or str(uuidlib.uuid4())
     if sess.state.snapshot(name):
         raise errors.AlreadyExists(f"domain {dom.name()!r} already has a snapshot {name!r}")
-    domain_disks = disks.parse_domain_disks(virt.domain_xml(dom))
+    live = live_disks(sess)
     if spec.disks:
         wanted = []
         for ds in spec.disks:
-            found = next((d for d in domain_disks if d.target == ds.name), None)
+            found = next((ld for ld in live if ld.name == ds.name), None)
             if found is None:
                 raise errors.NotFound(
                     f"disk {ds.name!r} not found in domain {dom.name()!r} (its disks: "
-                    f"{', '.join(d.target for d in domain_disks) or 'none'})")
-            reason = found.unsupported_reason()
+                    f"{', '.join(ld.name for ld in live) or 'none'})")
+            reason = found.disk.unsupported_reason()
             if reason:
                 raise errors.InvalidArgument(f"disk {ds.name!r} cannot be snapshotted: {reason}")
             wanted.append((found, ds.fleece))
     else:
-        wanted = [(d, None) for d in domain_disks if d.unsupported_reason() is None]
+        wanted = [(ld, None) for ld in live if ld.disk.unsupported_reason() is None]
         if not wanted:
             raise errors.OperationInvalid(f"domain {dom.name()!r} has no disk that can be "
                                           f"snapshotted (file or block, qcow2 or raw, writable)")
-    devs = blockgraph.devices(dom)
     nodes = blockgraph.node_names(dom)
     sid = blockgraph.new_snapshot_id(nodes)
     used_fdsets = blockgraph.fdset_ids(dom) | {d.fdset for s in sess.state.snapshots
                                                for d in s.disks}
     records = []
-    for index, (disk, path) in enumerate(wanted):
-        qdev = next((q for q in devs if disk.matches_qdev(q)), None)
-        if qdev is None:
-            raise errors.OperationInvalid(f"qemu shows no device for disk {disk.target!r}")
-        if virt.block_job_active(dom, disk.target):
+    for index, (ld, path) in enumerate(wanted):
+        if ld.qdev is None:
+            raise errors.OperationInvalid(f"qemu shows no device for disk {ld.name!r}")
+        if ld.base is None:
             raise errors.OperationInvalid(
-                f"disk {disk.target!r} has an active block job; try again when it finished")
-        inserted = devs[qdev]["inserted"]
-        base, below = _stack_position(sess, disk.target, inserted["node-name"])
-        path = path or _default_fleece_path(sess, name, disk.target)
+                f"disk {ld.name!r} of domain {dom.name()!r} is in use by a block job or "
+                f"another tool (its top node is {ld.top!r}); try again when that has finished")
+        if virt.block_job_active(dom, ld.name):
+            raise errors.OperationInvalid(
+                f"disk {ld.name!r} has an active block job; try again when it finished")
+        path = path or _default_fleece_path(sess, name, ld.name)
         fleecefile.check_path(path)
         fdset = blockgraph.new_fdset_id(used_fdsets)
         used_fdsets.add(fdset)
         records.append(DiskRecord(
-            name=disk.target, file=path, qdev=qdev, base=base, below=below,
-            fdset=fdset, capacity=int(inserted["image"]["virtual-size"]),
-            **blockgraph.disk_node_names(sid, index)))
-    return SnapshotRecord(name=name, id=sid, state=metadata.CREATING,
-                          created=int(time.time()), disks=records)
+            name=ld.name, file=path, qdev=ld.qdev, base=ld.base, below=ld.top,
+            fdset=fdset, capacity=ld.capacity, **blockgraph.disk_node_names(sid, index)))
+    rec = SnapshotRecord(name=name, id=sid, state=metadata.CREATING,
+                         created=int(time.time()), disks=records)
+    cps = checkpoints.scan(sess, live)
+    actions = checkpoints.plan_snapshot(sess, rec, {ld.name: ld for ld in live}, cps,
+                                        make_checkpoint)
+    return rec, actions
 
 
-def _insert_filters(sess: Session, rec: SnapshotRecord) -> None:
+def _switch(sess: Session, rec: SnapshotRecord, actions: list[dict]) -> None:
+    """The snapshot's instant: bitmap actions, then every device onto its filter."""
+    bitmaps.run(sess.dom, actions)
+    killpoint("snapshot-create:bitmaps-changed")
+    for d in rec.disks:
+        blockgraph.set_drive(sess.dom, d.qdev, d.filter_node)
+    killpoint("snapshot-create:filter-inserted")
+
+
+def _insert_filters(sess: Session, rec: SnapshotRecord, actions: list[dict]) -> None:
     """Point every disk's device at its filter, all at one instant.
 
-    With several disks the guest's vCPUs are paused for the few ms this
-    takes (unless the user had paused it already), under a guard process
-    that resumes the guest should this process die meanwhile.
+    With several disks, or bitmaps to freeze with the data, the guest's vCPUs
+    are paused for the few ms this takes (unless the user had paused it
+    already), under a guard process that resumes the guest should this
+    process die meanwhile.
     """
     dom = sess.dom
-    if len(rec.disks) == 1 or virt.domain_state(dom) != libvirt.VIR_DOMAIN_RUNNING:
-        for d in rec.disks:
-            blockgraph.set_drive(dom, d.qdev, d.filter_node)
-        killpoint("snapshot-create:filter-inserted")
+    if (len(rec.disks) == 1 and not actions) or \
+            virt.domain_state(dom) != libvirt.VIR_DOMAIN_RUNNING:
+        _switch(sess, rec, actions)
         return
     limit = sess.cfg.pause_guard_timeout
     with PauseGuard(dom.connect().getURI(), sess.uuid, limit) as guard:
@@ -223,9 +224,7 @@ def _insert_filters(sess: Session, rec: SnapshotRecord) -> None:
         started = time.monotonic()
         try:
             killpoint("snapshot-create:guest-paused")
-            for d in rec.disks:
-                blockgraph.set_drive(dom, d.qdev, d.filter_node)
-            killpoint("snapshot-create:filter-inserted")
+            _switch(sess, rec, actions)
         finally:
             virt.resume(dom)
             guard.resumed()
@@ -238,7 +237,7 @@ def _insert_filters(sess: Session, rec: SnapshotRecord) -> None:
             f"the disks may not be at one instant, so the snapshot was not kept")
 
 
-def _build(sess: Session, rec: SnapshotRecord) -> None:
+def _build(sess: Session, rec: SnapshotRecord, actions: list[dict]) -> None:
     dom = sess.dom
     for d in rec.disks:
         fd = fleecefile.create(d.file, d.capacity, fleecefile.owner_tag(sess.uuid, rec.id, d.name))
@@ -252,7 +251,7 @@ def _build(sess: Session, rec: SnapshotRecord) -> None:
         killpoint("snapshot-create:fleece-node-added")
         blockgraph.add_filter(dom, d.filter_node, d.below, d.fleece_node)
         killpoint("snapshot-create:filter-added")
-    _insert_filters(sess, rec)
+    _insert_filters(sess, rec, actions)
     for d in rec.disks:
         blockgraph.add_access(dom, d.access_node, d.filter_node)
         killpoint("snapshot-create:access-node-added")
@@ -281,27 +280,33 @@ def teardown(sess: Session, rec: SnapshotRecord, killpoints: bool = False) -> No
         step("fleece-node-removed")
         fleecefile.remove(d.file, fleecefile.owner_tag(sess.uuid, rec.id, d.name))
         step("file-removed")
+    checkpoints.undo_snapshot_bitmaps(sess, rec, undo_checkpoint=rec.state == metadata.CREATING)
 
 
 def create(dom: libvirt.virDomain, xmlDesc: str, flags: int = 0) -> BlockSnapshot:
+    """Take a temporary block snapshot (and with the CHECKPOINT flag, a checkpoint).
+
+    Raises InvalidArgument, NotFound, AlreadyExists, OperationInvalid, QMPError;
+    on any failure everything done so far is undone.
+    """
     check_flags(flags, _CREATE_FLAGS, "blockSnapshotCreateXML")
-    if flags & VIR_DOMAIN_BLOCK_SNAPSHOT_CREATE_CHECKPOINT:
-        raise errors.InvalidArgument("checkpoints are not supported yet")
     spec = documents.parse_snapshot(xmlDesc)
     with open_session(dom) as sess:
-        rec = _plan(sess, spec)
+        rec, actions = _plan(sess, spec, bool(flags & VIR_DOMAIN_BLOCK_SNAPSHOT_CREATE_CHECKPOINT))
         sess.state.snapshots.append(rec)
         sess.save()
         killpoint("snapshot-create:recorded")
         try:
-            _build(sess, rec)
+            _build(sess, rec, actions)
             rec.state = metadata.READY
             sess.save()
         except BaseException:
-            log.exception("domain %s: creating snapshot %s failed; undoing", dom.name(), rec.name)
+            log.info("domain %s: creating snapshot %s failed; undoing", dom.name(), rec.name)
             _unwind(sess, rec)
             raise
         killpoint("snapshot-create:ready")
+        if rec.checkpoint:
+            checkpoints.reconcile(sess)
         log.info("domain %s: created snapshot %s of %s", dom.name(), rec.name,
                  ", ".join(d.name for d in rec.disks))
         return BlockSnapshot(dom, rec.name)

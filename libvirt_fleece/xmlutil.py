@@ -68,7 +68,7 @@ def validate(root: etree._Element, schema: str, what: str) -> None:
     rng = _schema(schema)
     if not rng.validate(root):
         err = rng.error_log.last_error
-        detail = f"line {err.line}: {err.message}" if err else "does not match"
+        detail = f"at {err.path}: {err.message}" if err else "does not match"
         raise errors.InvalidArgument(
             f"{what}: does not match the schema {schema}.rng ({detail})")
 

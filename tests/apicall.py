@@ -2,7 +2,7 @@
 """Run one API call in a separate process (for kill-point and concurrency tests).
 
 usage: python apicall.py DOMAIN OP [ARG]
-  OP: create XML | delete NAME | export-start XML | export-stop XML | loop SECONDS PREFIX
+  OP: create XML | create-cp XML | delete NAME | checkpoint-delete NAME | export-start XML | export-stop XML | loop SECONDS PREFIX
 """
 
 import os
@@ -22,6 +22,10 @@ def main(argv):
     op = argv[1]
     if op == "create":
         lf.blockSnapshotCreateXML(dom, argv[2])
+    elif op == "create-cp":
+        lf.blockSnapshotCreateXML(dom, argv[2], lf.VIR_DOMAIN_BLOCK_SNAPSHOT_CREATE_CHECKPOINT)
+    elif op == "checkpoint-delete":
+        lf.blockCheckpointLookupByName(dom, argv[2]).delete()
     elif op == "delete":
         lf.blockSnapshotLookupByName(dom, argv[2]).delete(
             lf.VIR_DOMAIN_BLOCK_SNAPSHOT_DELETE_STOP_EXPORTS)

@@ -13,6 +13,7 @@ import libvirt
 import pytest
 
 import libvirt_fleece as lf
+from libvirt_fleece import bitmaps
 from libvirt_fleece.faults import ENV, KILL_POINTS
 from conftest import plugin_leftovers
 from vm import MiB, TestVM, expected_image, read_export
@@ -23,6 +24,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SNAP = "<domainblocksnapshot><name>k</name></domainblocksnapshot>"
 EXPORT = "<domainblockexport type='nbd'><disk name='vda' snapshot='k'/></domainblockexport>"
 SIZE = 64 * MiB
+CP = lf.VIR_DOMAIN_BLOCK_SNAPSHOT_CREATE_CHECKPOINT
 
 
 def api(dom_name, *args, kill_at=None, timeout=60):
@@ -45,7 +47,25 @@ def victim(conn):
 def clean_slate(t):
     for s in reversed(lf.blockSnapshotList(t.dom)):
         s.delete(lf.VIR_DOMAIN_BLOCK_SNAPSHOT_DELETE_STOP_EXPORTS)
+    for c in reversed(lf.blockCheckpointList(t.dom)):
+        c.delete()
     assert plugin_leftovers(t.dom) == {}
+    assert not [b for bs in bitmaps.by_node(t.dom).values() for b in bs]
+
+
+def assert_bitmaps(t, expected, frozen=0):
+    """Our bitmaps on vda: checkpoint name -> recording; no temporary bitmap left."""
+    found = {}
+    for bs in bitmaps.by_node(t.dom).values():
+        for b in bs:
+            parsed = bitmaps.parse_checkpoint_bitmap(b.name)
+            if parsed and parsed[2] in ("base", "k") and b.node.endswith("format"):
+                found.setdefault(parsed[2], b.recording)
+            elif b.name.startswith("fleece-") and not b.name.startswith("fleece-cp."):
+                found[b.name] = "temporary"
+    frz = [k for k in found if k.endswith("-frz")]
+    assert len(frz) == frozen, "a live snapshot keeps one frozen bitmap per disk"
+    assert {k: v for k, v in found.items() if k not in frz} == expected
 
 
 def fleece_files(t):
@@ -56,9 +76,15 @@ def fleece_files(t):
 def prepare(t, point):
     """Bring the domain to the state the killed operation starts from; return the op."""
     op = point.split(":")[0]
+    # an older checkpoint "base" makes every step move bitmaps too
+    lf.blockSnapshotCreateXML(t.dom, "<domainblocksnapshot><name>base</name>"
+                                     "</domainblocksnapshot>", CP).delete()
     if op == "snapshot-create":
-        return ["create", SNAP]
-    lf.blockSnapshotCreateXML(t.dom, SNAP)
+        return ["create-cp", SNAP]
+    if op == "checkpoint-delete":
+        lf.blockSnapshotCreateXML(t.dom, SNAP, CP).delete()
+        return ["checkpoint-delete", "k"]
+    lf.blockSnapshotCreateXML(t.dom, SNAP, CP)
     if op == "snapshot-delete":
         return ["delete", "k"]
     if op == "export-start":
@@ -83,7 +109,15 @@ def test_killed_after_each_step_the_next_call_cleans_up(victim, point):
     snaps = [s.getName() for s in lf.blockSnapshotList(t.dom)]
     exports = lf.blockExportList(t.dom)
     left = plugin_leftovers(t.dom)
+    cps = [c.getName() for c in lf.blockCheckpointList(t.dom)]
+    assert all("<valid>yes</valid>" in c.getXMLDesc() for c in lf.blockCheckpointList(t.dom))
+    if point.startswith("checkpoint-delete"):
+        assert cps == ["base"] and snaps == [] and left == {}
+        assert_bitmaps(t, {"base": True})
+        return
     if point == "snapshot-create:ready" or point.startswith("export-"):
+        assert cps == ["base", "k"]
+        assert_bitmaps(t, {"base": False, "k": True}, frozen=2)
         assert snaps == ["k"]
         assert len(fleece_files(t)) == 2
         assert sorted(left) == ["drives", "fdsets", "nodes"]
@@ -96,9 +130,12 @@ def test_killed_after_each_step_the_next_call_cleans_up(victim, point):
         lf.blockSnapshotLookupByName(t.dom, "k").delete(
             lf.VIR_DOMAIN_BLOCK_SNAPSHOT_DELETE_STOP_EXPORTS)
     else:
+        assert cps == (["base", "k"] if point.startswith("snapshot-delete") else ["base"])
         assert snaps == [] and exports == []
         assert left == {}
         assert fleece_files(t) == []
+        if point.startswith("snapshot-create"):
+            assert_bitmaps(t, {"base": True})     # the checkpoint being made was undone
     assert plugin_leftovers(t.dom) == {}
     assert not os.path.exists(f"/run/libvirt-fleece/{t.name}.sock")
 

@@ -55,7 +55,7 @@ class TestVM:
 
     def __init__(self, conn: libvirt.virConnect, disks: int = 1, size_mib: int = 64,
                  fmt: str = "qcow2", kernel: Optional[dict] = None, tag: str = "",
-                 cdrom: bool = False) -> None:
+                 cdrom: bool = False, persistent: bool = False) -> None:
         self.conn = conn
         self.name = f"{PREFIX}{tag}{secrets.token_hex(4)}"
         self.dir = os.path.join(IMAGE_ROOT, self.name)
@@ -69,11 +69,16 @@ class TestVM:
             self.disks.append({"dev": dev, "path": path, "format": fmt})
         self.kernel = kernel
         self.cdrom = cdrom
+        self.persistent = persistent
         self.dom: Optional[libvirt.virDomain] = None
 
     def start(self) -> libvirt.virDomain:
-        self.dom = self.conn.createXML(domain_xml(self.name, self.disks, self.kernel,
-                                                cdrom=self.cdrom), 0)
+        xml = domain_xml(self.name, self.disks, self.kernel, cdrom=self.cdrom)
+        if self.persistent:
+            self.dom = self.conn.defineXML(xml)
+            self.dom.create()
+        else:
+            self.dom = self.conn.createXML(xml, 0)
         return self.dom
 
     def qdev(self, dev: str) -> str:
@@ -97,6 +102,12 @@ class TestVM:
 
     def cleanup(self) -> None:
         self.destroy()
+        if self.persistent:
+            try:
+                self.conn.lookupByName(self.name).undefineFlags(
+                    libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
+            except libvirt.libvirtError:
+                pass
         for _ in range(50):
             try:
                 self.conn.lookupByName(self.name)
@@ -132,3 +143,46 @@ def read_export(socket: str, name: str) -> bytes:
         return bytes(out)
     finally:
         h.shutdown()
+
+
+def dirty_clusters(socket: str, name: str, bitmap: str, granularity: int = 64 * 1024) -> set:
+    """Indexes of the clusters an export's dirty-bitmap meta context marks dirty (libnbd)."""
+    import nbd
+    ctx = f"qemu:dirty-bitmap:{bitmap}"
+    h = nbd.NBD()
+    h.set_export_name(name)
+    h.add_meta_context(ctx)
+    h.connect_unix(socket)
+    try:
+        assert h.can_meta_context(ctx), f"export {name} has no context {ctx}"
+        size = h.get_size()
+        dirty = set()
+        offset = 0
+        while offset < size:
+            seen = []
+
+            def cb(metacontext, off, entries, err):
+                if metacontext == ctx:
+                    seen.append((off, entries))
+                return 0
+
+            h.block_status(min(size - offset, 1 << 30), offset, cb)
+            off, entries = seen[0]
+            pos = off
+            for i in range(0, len(entries), 2):
+                length, flags = entries[i], entries[i + 1]
+                if flags & 1:
+                    dirty.update(range(pos // granularity, (pos + length - 1) // granularity + 1))
+                pos += length
+            offset = pos
+        return dirty
+    finally:
+        h.shutdown()
+
+
+def clusters(writes, granularity: int = 64 * 1024) -> set:
+    """Clusters touched by (pattern, offset, length) writes."""
+    out = set()
+    for _p, off, length in writes:
+        out.update(range(off // granularity, (off + length - 1) // granularity + 1))
+    return out

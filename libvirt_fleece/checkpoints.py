@@ -1,0 +1,504 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""Checkpoints: changed-block tracking kept in persistent dirty bitmaps of the qcow2 images.
+
+Per disk, checkpoint X_i owns one persistent bitmap B_i that records the
+writes from X_i until the next checkpoint X_i+1 was made (only the newest
+records). The images are the truth: the chain, names, creation times and
+disk sizes are all in the bitmap names (:mod:`.bitmaps`), so they can be
+rebuilt after the domain's metadata is lost. The metadata holds a mirror
+(visible in the domain XML, per disk as the RFC shows) that also remembers
+checkpoints whose bitmaps vanished, so a crash is reported, never hidden.
+
+A snapshot S taken while X_a is the newest checkpoint freezes a private
+copy F_S of B_a at S's instant. The changes X_k -> S are then
+``B_k | ... | B_a-1 | F_S``, exact whatever is created or deleted later:
+deleting X_j merges B_j into its predecessor, and when X_j is a snapshot's
+anchor the predecessor is merged into that snapshot's F_S first.
+
+A checkpoint is invalid on a disk when its bitmap, or that of any newer
+checkpoint of the disk, is missing or inconsistent (qemu died), or the disk
+changed size since it was made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Optional
+
+import libvirt
+from lxml import etree
+
+from . import bitmaps, errors, qmp, virt, xmlutil
+from .bitmaps import Bitmap
+from .faults import killpoint
+from .livedisks import LiveDisk, live_disks
+from .metadata import DiskRecord, SnapshotRecord
+from .session import Session, open_session
+
+log = logging.getLogger(__name__)
+
+NS_URI = "http://libvirt-fleece.org/xmlns/checkpoints/1"
+NS_PREFIX = "fleececp"
+
+CRASHED = ("qemu stopped uncleanly (crash or kill -9) while the bitmap was in use, so it "
+           "may miss changes; take a full backup")
+MISSING = ("its bitmap is missing from the image (qemu stopped uncleanly before storing it, "
+           "or the image was replaced); take a full backup")
+NOT_RECORDING = "its bitmap no longer records changes; take a full backup"
+
+
+@dataclasses.dataclass
+class CheckpointDisk:
+    disk: str
+    bitmap: str
+    seq: int
+    size: int
+    node: Optional[str]          # node holding the bitmap (None when missing)
+    present: bool = True
+    inconsistent: bool = False
+    recording: bool = False
+    valid: bool = True
+    reason: str = ""
+    deleting: bool = False
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    name: str
+    seq: int
+    disks: list[CheckpointDisk]
+
+    @property
+    def created(self) -> int:
+        return self.seq // 1_000_000_000
+
+    @property
+    def valid(self) -> bool:
+        return all(d.valid for d in self.disks)
+
+    def disk(self, name: str) -> Optional[CheckpointDisk]:
+        return next((d for d in self.disks if d.disk == name), None)
+
+
+# --- scanning the images ---------------------------------------------------------
+
+def _from_bitmap(disk: str, b: Bitmap) -> Optional[CheckpointDisk]:
+    parsed = bitmaps.parse_checkpoint_bitmap(b.name)
+    if parsed is None or not b.persistent:
+        return None
+    seq, size, _name = parsed
+    return CheckpointDisk(disk=disk, bitmap=b.name, seq=seq, size=size, node=b.node,
+                          inconsistent=b.inconsistent, recording=b.recording)
+
+
+def _judge(entries: list[CheckpointDisk], capacity: Optional[int]) -> None:
+    """Set valid/reason on one disk's entries (any order): newest first, a broken
+    checkpoint breaks every older one."""
+    broken = ""
+    ordered = sorted(entries, key=lambda e: e.seq, reverse=True)
+    for i, e in enumerate(ordered):
+        own = ""
+        if not e.present:
+            own = MISSING
+        elif e.inconsistent:
+            own = CRASHED
+        elif i == 0 and not e.recording:
+            own = NOT_RECORDING
+        elif capacity is None:
+            own = "the disk is no longer attached or no longer ours to track"
+        elif capacity != e.size:
+            own = (f"the disk was resized from {e.size} to {capacity} bytes since; "
+                   f"take a full backup")
+        e.valid = not own and not broken
+        e.reason = own or broken
+        if own and not broken:
+            name = bitmaps.parse_checkpoint_bitmap(e.bitmap)[2]
+            broken = f"newer checkpoint {name!r} of this disk is unusable ({own})"
+
+
+def _read_mirror(sess: Session) -> list[CheckpointDisk]:
+    """The checkpoints recorded in the metadata (LIVE, else CONFIG); absent = none."""
+    dom = sess.dom
+    for flag in (libvirt.VIR_DOMAIN_AFFECT_LIVE, libvirt.VIR_DOMAIN_AFFECT_CONFIG):
+        try:
+            text = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, NS_URI, flag)
+        except libvirt.libvirtError as e:
+            if e.get_error_code() in (libvirt.VIR_ERR_NO_DOMAIN_METADATA,
+                                      libvirt.VIR_ERR_OPERATION_INVALID,
+                                      libvirt.VIR_ERR_INVALID_ARG):
+                continue
+            raise virt.translate(e, "cannot read the checkpoint metadata") from e
+        try:
+            return _parse_mirror(text)
+        except errors.InvalidArgument as e:
+            log.warning("domain %s: ignoring unusable checkpoint metadata (%s); rebuilding "
+                        "it from the images", dom.name(), e)
+            return []
+    return []
+
+
+def _parse_mirror(text: str) -> list[CheckpointDisk]:
+    root = xmlutil.parse(text, "checkpoint metadata")
+    for el in root.iter():
+        if isinstance(el.tag, str):
+            el.tag = etree.QName(el).localname
+    etree.cleanup_namespaces(root)
+    xmlutil.validate(root, "checkpoints", "checkpoint metadata")
+    result = []
+    for d in root.findall("disk"):
+        for c in d.findall("checkpoint"):
+            parsed = bitmaps.parse_checkpoint_bitmap(c.get("bitmap"))
+            if parsed is None or parsed[2] != c.get("name"):
+                raise errors.InvalidArgument(f"checkpoint metadata: bad bitmap {c.get('bitmap')}")
+            result.append(CheckpointDisk(disk=d.get("name"), bitmap=c.get("bitmap"),
+                                         seq=parsed[0], size=parsed[1], node=None,
+                                         present=False, deleting=c.get("deleting") == "yes"))
+    return result
+
+
+def mirror_document(cps: list[Checkpoint]) -> Optional[str]:
+    """The per-disk checkpoint mirror for the domain's metadata (None when empty)."""
+    if not cps:
+        return None
+    root = etree.Element("checkpoints", version="1")
+    per_disk: dict[str, etree._Element] = {}
+    for cp in cps:
+        for d in cp.disks:
+            if d.disk not in per_disk:
+                per_disk[d.disk] = etree.SubElement(root, "disk", name=d.disk)
+            el = etree.SubElement(per_disk[d.disk], "checkpoint", name=cp.name,
+                                  created=str(cp.created), bitmap=d.bitmap, size=str(d.size),
+                                  valid="yes" if d.valid else "no")
+            if d.reason:
+                el.set("reason", d.reason)
+            if d.deleting:
+                el.set("deleting", "yes")
+    return etree.tostring(root, encoding="unicode")
+
+
+def scan(sess: Session, live: Optional[list[LiveDisk]] = None) -> list[Checkpoint]:
+    """All checkpoints of the domain, oldest first, judged against the images."""
+    live = live if live is not None else live_disks(sess)
+    by_node = bitmaps.by_node(sess.dom)
+    capacity = {ld.name: ld.capacity for ld in live if ld.base}
+    found: dict[tuple[str, str], CheckpointDisk] = {}
+    for ld in live:
+        if not ld.base:
+            continue
+        for b in by_node.get(ld.base, []):
+            entry = _from_bitmap(ld.name, b)
+            if entry:
+                found[(entry.disk, entry.bitmap)] = entry
+    for old in _read_mirror(sess):
+        key = (old.disk, old.bitmap)
+        if key in found:
+            found[key].deleting = old.deleting
+        elif not old.deleting:
+            found[key] = old          # remembered but gone from the image: a crash
+    per_disk: dict[str, list[CheckpointDisk]] = {}
+    for e in found.values():
+        per_disk.setdefault(e.disk, []).append(e)
+    for disk, entries in per_disk.items():
+        _judge(entries, capacity.get(disk))
+    cps: dict[str, Checkpoint] = {}
+    for e in found.values():
+        name = bitmaps.parse_checkpoint_bitmap(e.bitmap)[2]
+        cp = cps.setdefault(name, Checkpoint(name=name, seq=e.seq, disks=[]))
+        cp.seq = min(cp.seq, e.seq)
+        cp.disks.append(e)
+    for cp in cps.values():
+        cp.disks.sort(key=lambda d: d.disk)
+    return sorted(cps.values(), key=lambda c: (c.seq, c.name))
+
+
+def sync_mirror(sess: Session, cps: list[Checkpoint]) -> None:
+    """Write the mirror into the LIVE (and, for a persistent domain, CONFIG) metadata
+    when it differs from what is there."""
+    text = mirror_document(cps)
+    dom = sess.dom
+    try:
+        current = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, NS_URI,
+                               libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    except libvirt.libvirtError:
+        current = None
+    if current is not None and text is not None and _same(current, text):
+        return
+    if current is None and text is None:
+        return
+    flags = libvirt.VIR_DOMAIN_AFFECT_LIVE
+    if dom.isPersistent():
+        flags |= libvirt.VIR_DOMAIN_AFFECT_CONFIG
+    try:
+        dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, text,
+                        NS_PREFIX if text else None, NS_URI, flags)
+    except libvirt.libvirtError as e:
+        raise virt.translate(e, "cannot write the checkpoint metadata") from e
+
+
+def _same(a: str, b: str) -> bool:
+    def canon(t: str) -> bytes:
+        root = etree.fromstring(t.encode())
+        for el in root.iter():
+            if isinstance(el.tag, str):
+                el.tag = etree.QName(el).localname
+        etree.cleanup_namespaces(root)
+        return etree.tostring(root, method="c14n")
+    try:
+        return canon(a) == canon(b)
+    except etree.XMLSyntaxError:
+        return False
+
+
+def reconcile(sess: Session) -> list[Checkpoint]:
+    """Rebuild the checkpoint list from the images, finish deletions an
+    interrupted call left half-done, and update the mirror."""
+    cps = scan(sess)
+    pending = [c for c in cps if any(d.deleting and d.present for d in c.disks)]
+    for cp in pending:
+        log.warning("domain %s: finishing the interrupted deletion of checkpoint %s",
+                    sess.dom.name(), cp.name)
+        bitmaps.run(sess.dom, _delete_actions(sess, cps, cp))
+    if pending:
+        cps = scan(sess)
+    sync_mirror(sess, cps)
+    return cps
+
+
+# --- snapshot support --------------------------------------------------------------
+
+def new_seq(cps: list[Checkpoint]) -> int:
+    """A creation time in ns, later than every existing checkpoint's."""
+    return max([time.time_ns()] + [c.seq + 1 for c in cps])
+
+
+def plan_snapshot(sess: Session, rec: SnapshotRecord, live: dict[str, LiveDisk],
+                  cps: list[Checkpoint], make_checkpoint: bool) -> list[dict]:
+    """Fill the bitmap fields of a planned snapshot; return the bitmap actions that
+    must run at the snapshot's instant. Raises InvalidArgument for a checkpoint on
+    a disk that cannot hold one, AlreadyExists for a taken checkpoint name."""
+    actions: list[dict] = []
+    if make_checkpoint:
+        if any(c.name == rec.name for c in cps):
+            raise errors.AlreadyExists(
+                f"domain {sess.dom.name()!r} already has a checkpoint {rec.name!r}")
+        rec.checkpoint = rec.name
+        rec.checkpoint_seq = new_seq(cps)
+    for d in rec.disks:
+        ld = live[d.name]
+        entries = sorted((e for c in cps for e in c.disks if e.disk == d.name and e.present),
+                         key=lambda e: e.seq)
+        if make_checkpoint and ld.disk.format != "qcow2":
+            raise errors.InvalidArgument(
+                f"disk {d.name!r} is {ld.disk.format}: checkpoints need qcow2 images (their "
+                f"bitmaps live in the image); leave the disk out with <disk> elements")
+        newest = entries[-1] if entries else None
+        if newest is not None and newest.valid and newest.recording:
+            d.anchor_seq = newest.seq
+            d.frozen = f"{d.filter_node[:-3]}frz"
+            actions.append(bitmaps.add(d.base, d.frozen, persistent=False, disabled=True))
+            actions.append(bitmaps.merge(d.base, d.frozen, [newest.bitmap]))
+        if make_checkpoint:
+            for e in entries:
+                if e.recording and not e.inconsistent:
+                    d.disabled = e.bitmap
+                    actions.append(bitmaps.disable(d.base, e.bitmap))
+            actions.append(bitmaps.add(d.base, bitmaps.checkpoint_bitmap_name(
+                rec.checkpoint_seq, ld.capacity, rec.checkpoint), persistent=True))
+    return actions
+
+
+def undo_snapshot_bitmaps(sess: Session, rec: SnapshotRecord, undo_checkpoint: bool) -> None:
+    """Remove a snapshot's frozen bitmaps and, for a snapshot that never became
+    ready, the checkpoint it was making (re-enabling the one it disabled)."""
+    present = {(b.node, b.name) for bs in bitmaps.by_node(sess.dom).values() for b in bs}
+    actions = []
+    for d in rec.disks:
+        if d.frozen and (d.base, d.frozen) in present:
+            actions.append(bitmaps.remove(d.base, d.frozen))
+        if undo_checkpoint and rec.checkpoint:
+            new = next((n for (node, n) in present if node == d.base and
+                        (bitmaps.parse_checkpoint_bitmap(n) or (0, 0, ""))[2] == rec.checkpoint
+                        and bitmaps.parse_checkpoint_bitmap(n)[0] == rec.checkpoint_seq), None)
+            if new:
+                actions.append(bitmaps.remove(d.base, new))
+                if d.disabled and (d.base, d.disabled) in present:
+                    actions.append(bitmaps.enable(d.base, d.disabled))
+    bitmaps.run(sess.dom, actions)
+
+
+# --- export support ------------------------------------------------------------------
+
+def export_bitmap_actions(sess: Session, snap: SnapshotRecord, d: DiskRecord,
+                          checkpoint: str, target: str) -> list[dict]:
+    """Actions that build ``target``: the blocks written between ``checkpoint`` and
+    the snapshot. Raises NotFound, InvalidArgument or OperationInvalid (with what to do)."""
+    cps = scan(sess)
+    cp = next((c for c in cps if c.name == checkpoint), None)
+    if cp is None:
+        raise errors.NotFound(f"no checkpoint {checkpoint!r} in domain {sess.dom.name()!r}")
+    entry = cp.disk(d.name)
+    if entry is None:
+        raise errors.InvalidArgument(f"checkpoint {checkpoint!r} does not cover disk {d.name!r}")
+    if not entry.valid:
+        raise errors.OperationInvalid(
+            f"checkpoint {checkpoint!r} cannot be used for disk {d.name!r}: {entry.reason}")
+    if snap.checkpoint == checkpoint:
+        return [bitmaps.add(d.base, target, disabled=True)]
+    if entry.seq > d.anchor_seq or not d.frozen:
+        raise errors.InvalidArgument(
+            f"checkpoint {checkpoint!r} is newer than snapshot {snap.name!r}")
+    older = [e for c in cps for e in c.disks
+             if e.disk == d.name and e.present and entry.seq <= e.seq <= d.anchor_seq]
+    older.sort(key=lambda e: e.seq)
+    sources = [e.bitmap for e in older[:-1]] + [d.frozen]   # the newest is in the frozen copy
+    return [bitmaps.add(d.base, target, disabled=True), bitmaps.merge(d.base, target, sources)]
+
+
+# --- public objects --------------------------------------------------------------------
+
+class BlockCheckpoint:
+    """A checkpoint of a domain (a handle by name)."""
+
+    def __init__(self, dom: libvirt.virDomain, name: str) -> None:
+        self._dom = dom
+        self._name = name
+
+    def __repr__(self) -> str:
+        return f"<BlockCheckpoint {self._name!r} of {self._dom.name()!r}>"
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, BlockCheckpoint) and other._name == self._name
+                and other._dom.UUIDString() == self._dom.UUIDString())
+
+    def __hash__(self) -> int:
+        return hash(self._name)
+
+    def getName(self) -> str:
+        return self._name
+
+    def getDomain(self) -> libvirt.virDomain:
+        return self._dom
+
+    def getXMLDesc(self, flags: int = 0) -> str:
+        """<domainblockcheckpoint> with validity and bytes changed since, per disk.
+
+        Raises NotFound once deleted."""
+        from .snapshots import check_flags
+        check_flags(flags, 0, "getXMLDesc")
+        with open_session(self._dom) as sess:
+            cps = reconcile(sess)
+            cp = _find(sess, cps, self._name)
+            changed = _changed_bytes(sess, cps, cp)
+            return checkpoint_document(cp, changed)
+
+    def delete(self, flags: int = 0) -> None:
+        """Delete the checkpoint, keeping every other one exact.
+
+        Raises OperationInvalid while an export uses it."""
+        from .snapshots import check_flags
+        check_flags(flags, 0, "delete")
+        with open_session(self._dom) as sess:
+            cps = reconcile(sess)
+            cp = _find(sess, cps, self._name)
+            users = [e.name for e in sess.state.exports() if e.checkpoint == cp.name]
+            if users:
+                raise errors.OperationInvalid(
+                    f"checkpoint {cp.name!r} is used by export(s) {', '.join(users)}; "
+                    f"stop them first")
+            for d in cp.disks:
+                d.deleting = True
+            sync_mirror(sess, cps)
+            killpoint("checkpoint-delete:recorded")
+            bitmaps.run(sess.dom, _delete_actions(sess, cps, cp))
+            killpoint("checkpoint-delete:bitmaps-merged")
+            reconcile(sess)
+            log.info("domain %s: deleted checkpoint %s", self._dom.name(), cp.name)
+
+
+def _find(sess: Session, cps: list[Checkpoint], name: str) -> Checkpoint:
+    cp = next((c for c in cps if c.name == name), None) if isinstance(name, str) else None
+    if cp is None:
+        raise errors.NotFound(f"no checkpoint {name!r} in domain {sess.dom.name()!r} "
+                              f"(blockCheckpointList shows the existing ones)")
+    return cp
+
+
+def _delete_actions(sess: Session, cps: list[Checkpoint], cp: Checkpoint) -> list[dict]:
+    actions: list[dict] = []
+    for entry in cp.disks:
+        if not entry.present:
+            continue
+        older = [e for c in cps for e in c.disks
+                 if e.disk == entry.disk and e.present and e.seq < entry.seq]
+        pred = max(older, key=lambda e: e.seq) if older else None
+        usable = pred is not None and not pred.inconsistent and not entry.inconsistent
+        for snap in sess.state.snapshots:
+            d = snap.disk(entry.disk)
+            if d is None or not d.frozen or d.anchor_seq < entry.seq:
+                continue
+            anchor = max((e for c in cps for e in c.disks if e.disk == entry.disk and
+                          e.present and e.seq <= d.anchor_seq), key=lambda e: e.seq)
+            if anchor is entry and usable:
+                actions.append(bitmaps.merge(d.base, d.frozen, [pred.bitmap]))
+        if usable:
+            actions.append(bitmaps.merge(entry.node, pred.bitmap, [entry.bitmap]))
+            if entry.recording:
+                actions.append(bitmaps.enable(entry.node, pred.bitmap))
+        actions.append(bitmaps.remove(entry.node, entry.bitmap))
+    return actions
+
+
+def _changed_bytes(sess: Session, cps: list[Checkpoint], cp: Checkpoint) -> dict[str, int]:
+    """Bytes written since the checkpoint, per valid disk (one temporary bitmap each)."""
+    result = {}
+    for entry in cp.disks:
+        if not entry.valid:
+            continue
+        chain = [e.bitmap for c in cps for e in c.disks
+                 if e.disk == entry.disk and e.present and e.seq >= entry.seq]
+        if len(chain) == 1:
+            result[entry.disk] = next(b.count for b in bitmaps.by_node(sess.dom)[entry.node]
+                                      if b.name == entry.bitmap)
+            continue
+        tmp = f"fleece-tmp-{time.time_ns():x}"
+        bitmaps.run(sess.dom, [bitmaps.add(entry.node, tmp, disabled=True),
+                               bitmaps.merge(entry.node, tmp, chain)])
+        try:
+            result[entry.disk] = next(b.count for b in bitmaps.by_node(sess.dom)[entry.node]
+                                      if b.name == tmp)
+        finally:
+            qmp.execute(sess.dom, "block-dirty-bitmap-remove", {"node": entry.node, "name": tmp})
+    return result
+
+
+def checkpoint_document(cp: Checkpoint, changed: dict[str, int]) -> str:
+    root = etree.Element("domainblockcheckpoint")
+    etree.SubElement(root, "name").text = cp.name
+    etree.SubElement(root, "creationTime").text = str(cp.created)
+    etree.SubElement(root, "valid").text = "yes" if cp.valid else "no"
+    for d in cp.disks:
+        el = etree.SubElement(root, "disk", name=d.disk, bitmap=d.bitmap, size=str(d.size),
+                              valid="yes" if d.valid else "no")
+        if d.disk in changed:
+            el.set("changed", str(changed[d.disk]))
+        if d.reason:
+            el.set("reason", d.reason)
+    return xmlutil.tostring(root)
+
+
+def list_all(dom: libvirt.virDomain, flags: int = 0) -> list[BlockCheckpoint]:
+    from .snapshots import check_flags
+    check_flags(flags, 0, "blockCheckpointList")
+    with open_session(dom) as sess:
+        return [BlockCheckpoint(dom, c.name) for c in reconcile(sess)]
+
+
+def lookup(dom: libvirt.virDomain, name: str, flags: int = 0) -> BlockCheckpoint:
+    from .snapshots import check_flags
+    check_flags(flags, 0, "blockCheckpointLookupByName")
+    if not isinstance(name, str):
+        raise errors.InvalidArgument("checkpoint name must be a string")
+    with open_session(dom) as sess:
+        return BlockCheckpoint(dom, _find(sess, reconcile(sess), name).name)
