@@ -25,7 +25,7 @@ from lxml import etree
 
 import libvirt_fleece as fleece
 
-from . import errors, virt
+from . import cli_backup, cli_hook, errors, virt
 
 PROG = "virsh-fleece"
 
@@ -600,6 +600,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_snapshot_commands(sub)
     _add_export_commands(sub)
     _add_demo_command(sub)
+    cli_hook.register(sub, _add, _domain)
+    cli_backup.register(sub, _add, _domain)
     return parser
 
 
