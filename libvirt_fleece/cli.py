@@ -1,9 +1,10 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
-"""``virsh-fleece``: temporary block snapshots and NBD exports from the shell, virsh-style.
+"""``virsh-fleece``: temporary block snapshots, checkpoints and NBD exports from the
+shell, virsh-style.
 
 Each subcommand is a small ``cmd_*`` function taking the :class:`Context`
 and the parsed arguments; the pure helpers (``--disk`` parsing, XML
-builders, table and size formatting) are unit-tested on their own.
+builders, table and size formatting) live in :mod:`.cliformat`.
 
 Exit status: 0 success, 1 an error (one line on stderr), 2 a usage error,
 130 interrupted.
@@ -12,237 +13,21 @@ Exit status: 0 success, 1 an error (one line on stderr), 2 a usage error,
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import sys
-import time
 import traceback
-from typing import Callable, Optional, Sequence
-from urllib.parse import quote
-
-from lxml import etree
+from typing import Optional, Sequence
 
 import libvirt_fleece as fleece
 
 from . import cli_backup, cli_hook, errors, virt
+from .cliformat import (EXPORT_START_DISK_KEYS, EXPORT_STOP_DISK_KEYS, SNAPSHOT_DISK_KEYS,
+                        ExportRow, checkpoint_table, disk_spec_type, export_table, export_xml,
+                        format_table, format_time, human_size, parse_checkpoint_desc,
+                        parse_export_list, parse_snapshot_desc, snapshot_xml)
 
 PROG = "virsh-fleece"
-
-
-# --- pure helpers ----------------------------------------------------------------
-
-SNAPSHOT_DISK_KEYS = ("fleece",)
-EXPORT_START_DISK_KEYS = ("snapshot", "exportname", "checkpoint")
-EXPORT_STOP_DISK_KEYS = ("snapshot", "exportname")
-
-
-@dataclasses.dataclass(frozen=True)
-class DiskSpec:
-    """One ``--disk`` option: the disk's target name and its key=value options."""
-    name: str
-    options: dict
-
-    def get(self, key: str) -> Optional[str]:
-        return self.options.get(key)
-
-
-def _split_fields(text: str) -> list[str]:
-    """Split on commas; ``,,`` stands for a literal comma (as in virsh and qemu)."""
-    fields, current, i = [], [], 0
-    while i < len(text):
-        if text[i] == ",":
-            if text[i + 1:i + 2] == ",":
-                current.append(",")
-                i += 2
-                continue
-            fields.append("".join(current))
-            current = []
-        else:
-            current.append(text[i])
-        i += 1
-    fields.append("".join(current))
-    return fields
-
-
-def parse_disk_spec(text: str, keys: Sequence[str] = (),
-                    required: Sequence[str] = ()) -> DiskSpec:
-    """Parse ``vda[,key=value]...`` into a DiskSpec.
-
-    The first field is the disk name; then ``key=value`` pairs with keys from
-    ``keys``; keys in ``required`` must be present. A comma inside a value is
-    written ``,,``. Raises argparse.ArgumentTypeError naming the problem.
-    """
-    fields = _split_fields(text)
-    name = fields[0]
-    if not name:
-        raise argparse.ArgumentTypeError(f"{text!r}: the disk name (such as vda) comes first")
-    if "=" in name:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: the first field must be the disk name (such as vda), not {name!r}")
-    options: dict[str, str] = {}
-    for field in fields[1:]:
-        key, sep, value = field.partition("=")
-        if not sep:
-            raise argparse.ArgumentTypeError(f"{text!r}: {field!r} is not key=value")
-        if key not in keys:
-            known = ", ".join(keys) if keys else "none"
-            raise argparse.ArgumentTypeError(
-                f"{text!r}: unknown key {key!r} (known keys: {known})")
-        if not value:
-            raise argparse.ArgumentTypeError(f"{text!r}: empty value for {key!r}")
-        if key in options:
-            raise argparse.ArgumentTypeError(f"{text!r}: key {key!r} is given twice")
-        options[key] = value
-    missing = [k for k in required if k not in options]
-    if missing:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: missing {', '.join(k + '=' for k in missing)}")
-    return DiskSpec(name, options)
-
-
-def disk_spec_type(keys: Sequence[str], required: Sequence[str] = ()) -> Callable[[str], DiskSpec]:
-    """An argparse ``type=`` for ``--disk`` with these keys."""
-    def convert(text: str) -> DiskSpec:
-        return parse_disk_spec(text, keys, required)
-    convert.__name__ = "disk spec"     # argparse names the type in some messages
-    return convert
-
-
-def _tostring(root: etree._Element) -> str:
-    return etree.tostring(root, pretty_print=True, encoding="unicode")
-
-
-def snapshot_xml(name: Optional[str], disks: Sequence[DiskSpec]) -> str:
-    """A <domainblocksnapshot> request (no disks: all disks that can be snapshotted)."""
-    root = etree.Element("domainblocksnapshot")
-    if name:
-        etree.SubElement(root, "name").text = name
-    for d in disks:
-        el = etree.SubElement(root, "disk", name=d.name)
-        if d.get("fleece"):
-            etree.SubElement(el, "fleece", file=d.get("fleece"))
-    return _tostring(root)
-
-
-def export_xml(disks: Sequence[DiskSpec], socket: Optional[str] = None,
-               host: Optional[str] = None, port: Optional[int] = None) -> str:
-    """A <domainblockexport type='nbd'> request; no socket and no host: the default socket."""
-    root = etree.Element("domainblockexport", type="nbd")
-    if socket is not None:
-        etree.SubElement(root, "address", type="unix", socket=socket)
-    elif host is not None:
-        addr = etree.SubElement(root, "address", type="ip", host=host)
-        if port is not None:
-            addr.set("port", str(port))
-    for d in disks:
-        attrs = {"name": d.name}
-        for key in EXPORT_START_DISK_KEYS:
-            if d.get(key):
-                attrs[key] = d.get(key)
-        etree.SubElement(root, "disk", **attrs)
-    return _tostring(root)
-
-
-@dataclasses.dataclass(frozen=True)
-class ExportRow:
-    exportname: str
-    disk: str
-    snapshot: str
-    address: str
-    uri: str
-
-
-def nbd_uri(exportname: str, socket: Optional[str] = None, host: Optional[str] = None,
-            port: Optional[int] = None) -> str:
-    """The NBD URI of an export (as nbdinfo, nbdcopy and qemu-img accept it)."""
-    name = quote(exportname, safe="+:@")
-    if socket is not None:
-        return f"nbd+unix:///{name}?socket={quote(socket, safe='/')}"
-    if host and ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    return f"nbd://{host}:{port}/{name}" if port is not None else f"nbd://{host}/{name}"
-
-
-def parse_export_list(documents: Sequence[str]) -> list[ExportRow]:
-    """Rows of the <blockexport> documents blockExportList returns."""
-    rows = []
-    for doc in documents:
-        root = etree.fromstring(doc.encode("utf-8"))
-        addr = root.find("address")
-        socket = host = port = None
-        if addr is not None and addr.get("type") == "unix":
-            socket = addr.get("socket")
-            address = f"unix:{socket}"
-        elif addr is not None:
-            host = addr.get("host")
-            port = int(addr.get("port")) if addr.get("port") else None
-            address = f"{host}:{port}" if port is not None else host
-        else:
-            address = "-"
-        for d in root.findall("disk"):
-            name = d.get("exportname") or ""
-            rows.append(ExportRow(name, d.get("name") or "", d.get("snapshot") or "",
-                                  address, nbd_uri(name, socket, host, port)))
-    return rows
-
-
-@dataclasses.dataclass(frozen=True)
-class SnapshotRow:
-    name: str
-    created: Optional[int]
-    disks: list
-    allocation: int
-
-
-def parse_snapshot_desc(xml: str) -> SnapshotRow:
-    """The list row of a snapshot's getXMLDesc() document."""
-    root = etree.fromstring(xml.encode("utf-8"))
-    created = root.findtext("creationTime")
-    disks, allocation = [], 0
-    for d in root.findall("disk"):
-        disks.append(d.get("name"))
-        fl = d.find("fleece")
-        if fl is not None and fl.get("allocation"):
-            allocation += int(fl.get("allocation"))
-    return SnapshotRow(root.findtext("name") or "", int(created) if created else None,
-                       disks, allocation)
-
-
-def human_size(n: int) -> str:
-    """Bytes in binary units, one decimal at most: ``0 B``, ``512 KiB``, ``1.5 MiB``."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            break
-        value /= 1024
-    if unit == "B":
-        return f"{int(value)} B"
-    text = f"{value:.1f}"
-    return f"{text[:-2] if text.endswith('.0') else text} {unit}"
-
-
-def format_time(epoch: Optional[int]) -> str:
-    """Local time like virsh snapshot-list: ``2026-11-29 21:00:00 +0000``."""
-    if epoch is None:
-        return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(epoch))
-
-
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]],
-                 header: bool = True) -> str:
-    """A table like ``virsh list``: a leading space, columns three spaces apart."""
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
-
-    def line(cells: Sequence[str]) -> str:
-        return (" " + "   ".join(c.ljust(w) for c, w in zip(cells, widths))).rstrip()
-
-    out = []
-    if header:
-        head = line(headers)
-        out += [head, "-" * (len(head) + 2)]
-    out += [line(r) for r in rows]
-    return "\n".join(out)
 
 
 # --- the commands -------------------------------------------------------------------
@@ -300,7 +85,9 @@ def _start_exports(ctx: Context, dom, xml: str) -> int:
     fleece.blockExportStart(dom, xml)
     for r in _export_rows(dom):
         if r.exportname not in before:
-            ctx.say(f"Block export {r.exportname} started: {r.uri}")
+            changes = f" (changes since {r.checkpoint}: {r.meta_context})" \
+                if r.meta_context else ""
+            ctx.say(f"Block export {r.exportname} started: {r.uri}{changes}")
     return 0
 
 
@@ -315,11 +102,16 @@ def _stop_exports(ctx: Context, dom, xml: str, force: bool) -> int:
     return 0
 
 
-def cmd_blocksnapshot_create(ctx: Context, args: argparse.Namespace) -> int:
-    xml = read_xml_file(args.file)
-    snap = fleece.blockSnapshotCreateXML(ctx.domain(args.domain), xml)
-    ctx.say(f"Block snapshot {snap.getName()} created")
+def _create_snapshot(ctx: Context, args: argparse.Namespace, xml: str) -> int:
+    flags = fleece.VIR_DOMAIN_BLOCK_SNAPSHOT_CREATE_CHECKPOINT if args.checkpoint else 0
+    snap = fleece.blockSnapshotCreateXML(ctx.domain(args.domain), xml, flags)
+    ctx.say(f"Block snapshot {snap.getName()} created" +
+            (f" with checkpoint {snap.getName()}" if args.checkpoint else ""))
     return 0
+
+
+def cmd_blocksnapshot_create(ctx: Context, args: argparse.Namespace) -> int:
+    return _create_snapshot(ctx, args, read_xml_file(args.file))
 
 
 def cmd_blocksnapshot_create_as(ctx: Context, args: argparse.Namespace) -> int:
@@ -327,10 +119,7 @@ def cmd_blocksnapshot_create_as(ctx: Context, args: argparse.Namespace) -> int:
     if args.print_xml:
         print(xml, end="")
         return 0
-    flags = fleece.VIR_DOMAIN_BLOCK_SNAPSHOT_CREATE_CHECKPOINT if args.checkpoint else 0
-    snap = fleece.blockSnapshotCreateXML(ctx.domain(args.domain), xml, flags)
-    ctx.say(f"Block snapshot {snap.getName()} created")
-    return 0
+    return _create_snapshot(ctx, args, xml)
 
 
 def cmd_blocksnapshot_list(ctx: Context, args: argparse.Namespace) -> int:
@@ -398,10 +187,39 @@ def cmd_blockexport_list(ctx: Context, args: argparse.Namespace) -> int:
         for doc in fleece.blockExportList(dom):
             print(doc, end="" if doc.endswith("\n") else "\n")
         return 0
-    rows = _export_rows(dom)
-    print(format_table(("Export name", "Disk", "Snapshot", "Address", "URI"),
-                       [(r.exportname, r.disk, r.snapshot, r.address, r.uri) for r in rows],
-                       header=not ctx.quiet))
+    print(export_table(_export_rows(dom), header=not ctx.quiet))
+    return 0
+
+
+def cmd_blockcheckpoint_list(ctx: Context, args: argparse.Namespace) -> int:
+    dom = ctx.domain(args.domain)
+    rows = []
+    for cp in fleece.blockCheckpointList(dom):
+        if args.name:
+            rows.append(cp.getName())
+            continue
+        try:
+            rows.append(parse_checkpoint_desc(cp.getXMLDesc()))
+        except fleece.NotFound:
+            continue        # deleted meanwhile
+    if args.name:
+        for name in rows:
+            print(name)
+        return 0
+    print(checkpoint_table(rows, header=not ctx.quiet))
+    return 0
+
+
+def cmd_blockcheckpoint_dumpxml(ctx: Context, args: argparse.Namespace) -> int:
+    cp = fleece.blockCheckpointLookupByName(ctx.domain(args.domain), args.name)
+    print(cp.getXMLDesc(), end="")
+    return 0
+
+
+def cmd_blockcheckpoint_delete(ctx: Context, args: argparse.Namespace) -> int:
+    cp = fleece.blockCheckpointLookupByName(ctx.domain(args.domain), args.name)
+    cp.delete()
+    ctx.say(f"Block checkpoint {cp.getName()} deleted")
     return 0
 
 
@@ -419,6 +237,10 @@ Examples:
   virsh-fleece blockexport-list web1
   nbdcopy 'nbd+unix:///vda-nightly?socket=/run/libvirt-fleece/web1.sock' vda.raw
   virsh-fleece blocksnapshot-delete web1 nightly --stop-exports
+  virsh-fleece blocksnapshot-create-as web1 --name mon --checkpoint
+  virsh-fleece blocksnapshot-create-as web1 --name tue --checkpoint
+  virsh-fleece blockexport-start-as web1 --disk vda,snapshot=tue,checkpoint=mon
+  virsh-fleece blockcheckpoint-list web1
   virsh-fleece demo                 # the whole cycle on a throwaway domain
 
 Run 'virsh-fleece COMMAND --help' for a command's options and examples.
@@ -444,20 +266,29 @@ def _domain(p: argparse.ArgumentParser) -> None:
     p.add_argument("domain", metavar="DOMAIN", help="domain name, UUID or id")
 
 
+def _checkpoint_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", action="store_true",
+                   help="also make the snapshot's instant a checkpoint of the same name "
+                        "(qcow2 disks only), for later exports with checkpoint=NAME")
+
+
 def _add_snapshot_commands(sub) -> None:
     p = _add(sub, "blocksnapshot-create", cmd_blocksnapshot_create,
              "create a temporary block snapshot from an XML file", """\
   virsh-fleece blocksnapshot-create web1 snap.xml
+  virsh-fleece blocksnapshot-create web1 snap.xml --checkpoint
   echo "<domainblocksnapshot><name>s1</name><disk name='vda'/></domainblocksnapshot>" |
       virsh-fleece blocksnapshot-create web1 -
 """)
     _domain(p)
     p.add_argument("file", metavar="FILE", help="<domainblocksnapshot> XML file, - for stdin")
+    _checkpoint_option(p)
 
     p = _add(sub, "blocksnapshot-create-as", cmd_blocksnapshot_create_as,
              "create a temporary block snapshot from options", """\
   virsh-fleece blocksnapshot-create-as web1 --name nightly
   virsh-fleece blocksnapshot-create-as web1 --name s1 --disk vda --disk vdb
+  virsh-fleece blocksnapshot-create-as web1 --name mon --disk vda --checkpoint
   virsh-fleece blocksnapshot-create-as web1 --disk vda,fleece=/srv/fleece/web1-vda.qcow2
   virsh-fleece blocksnapshot-create-as web1 --name s1 --disk vda --print-xml
 """)
@@ -467,8 +298,7 @@ def _add_snapshot_commands(sub) -> None:
                    type=disk_spec_type(SNAPSHOT_DISK_KEYS),
                    help="a disk to snapshot, optionally with its fleece image path "
                         "(repeatable; default: every disk that can be snapshotted)")
-    p.add_argument("--checkpoint", action="store_true",
-                   help="also start a checkpoint (not supported yet)")
+    _checkpoint_option(p)
     p.add_argument("--print-xml", action="store_true",
                    help="print the XML instead of creating the snapshot")
 
@@ -524,13 +354,15 @@ def _add_export_commands(sub) -> None:
   virsh-fleece blockexport-start-as web1 --disk vda,snapshot=s1,exportname=web1-vda \\
       --socket /run/backup/web1.sock
   virsh-fleece blockexport-start-as web1 --disk vda,snapshot=s1 --host 127.0.0.1 --port 10809
+  virsh-fleece blockexport-start-as web1 --disk vda,snapshot=tue,checkpoint=mon
   virsh-fleece blockexport-start-as web1 --disk vda,snapshot=s1 --print-xml
 """)
     _domain(p)
     p.add_argument("--disk", action="append", required=True,
                    metavar="DISK,snapshot=S[,exportname=N][,checkpoint=C]",
                    type=disk_spec_type(EXPORT_START_DISK_KEYS, required=("snapshot",)),
-                   help="a disk of a snapshot to export (repeatable)")
+                   help="a disk of a snapshot to export (repeatable); with checkpoint=C "
+                        "also the blocks changed between checkpoint C and the snapshot")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--socket", metavar="PATH",
                        help="listen on this unix socket (default: "
@@ -572,6 +404,30 @@ def _add_export_commands(sub) -> None:
     p.add_argument("--xml", action="store_true", help="print the raw <blockexport> documents")
 
 
+def _add_checkpoint_commands(sub) -> None:
+    p = _add(sub, "blockcheckpoint-list", cmd_blockcheckpoint_list,
+             "list a domain's checkpoints, oldest first, and whether they are usable", """\
+  virsh-fleece blockcheckpoint-list web1
+  virsh-fleece blockcheckpoint-list web1 --name
+""")
+    _domain(p)
+    p.add_argument("--name", action="store_true", help="print only the checkpoint names")
+
+    p = _add(sub, "blockcheckpoint-dumpxml", cmd_blockcheckpoint_dumpxml,
+             "print a checkpoint's XML (validity and bytes changed since, per disk)", """\
+  virsh-fleece blockcheckpoint-dumpxml web1 mon
+""")
+    _domain(p)
+    p.add_argument("name", metavar="NAME", help="checkpoint name")
+
+    p = _add(sub, "blockcheckpoint-delete", cmd_blockcheckpoint_delete,
+             "delete a checkpoint (its changes merge into the one before)", """\
+  virsh-fleece blockcheckpoint-delete web1 mon
+""")
+    _domain(p)
+    p.add_argument("name", metavar="NAME", help="checkpoint name")
+
+
 def _add_demo_command(sub) -> None:
     p = _add(sub, "demo", cmd_demo,
              "snapshot, export and copy a throwaway domain's disk, and verify the copy", """\
@@ -586,8 +442,8 @@ def _add_demo_command(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG, epilog=TOP_EPILOG,
-        description="Temporary block snapshots (image fleecing) and NBD exports of "
-                    "running libvirt domains.")
+        description="Temporary block snapshots (image fleecing), checkpoints and NBD "
+                    "exports of running libvirt domains.")
     parser.add_argument("-c", "--connect", metavar="URI",
                         help="libvirt URI (default: $LIBVIRT_DEFAULT_URI, else qemu:///system)")
     parser.add_argument("--debug", action="store_true",
@@ -599,6 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 parser_class=_Parser)
     _add_snapshot_commands(sub)
     _add_export_commands(sub)
+    _add_checkpoint_commands(sub)
     _add_demo_command(sub)
     cli_hook.register(sub, _add, _domain)
     cli_backup.register(sub, _add, _domain)

@@ -12,6 +12,10 @@ Keys and defaults::
     state_dir: /run/libvirt-fleece/state   # lock files and pause guards (root only)
     socket_group: null                     # group allowed to connect (mode 0660)
     pause_guard_timeout: 2.0               # seconds a guest may stay paused by us
+    hook_syslog: true                      # hook logs to syslog (/dev/log) when it exists
+    hook_log_file: /var/log/libvirt-fleece/hook.log   # hook log when there is no syslog
+    hook_log_level: info                   # debug, info, warning or error
+    hook_reconcile_timeout: 60.0           # seconds the hook's worker waits for libvirt
 """
 
 from __future__ import annotations
@@ -36,10 +40,14 @@ class Config:
     state_dir: str = "/run/libvirt-fleece/state"
     socket_group: Optional[str] = None
     pause_guard_timeout: float = 2.0
+    hook_syslog: bool = True
+    hook_log_file: str = "/var/log/libvirt-fleece/hook.log"
+    hook_log_level: str = "info"
+    hook_reconcile_timeout: float = 60.0
 
     def validate(self) -> None:
         """Raises InvalidArgument for an unusable value."""
-        for key in ("fleece_dir", "socket_dir", "state_dir"):
+        for key in ("fleece_dir", "socket_dir", "state_dir", "hook_log_file"):
             value = getattr(self, key)
             if not isinstance(value, str) or not os.path.isabs(value):
                 raise errors.InvalidArgument(
@@ -54,6 +62,17 @@ class Config:
                 not 0.1 <= self.pause_guard_timeout <= 30:
             raise errors.InvalidArgument(
                 "configuration key 'pause_guard_timeout' must be a number of seconds in [0.1, 30]")
+        if not isinstance(self.hook_syslog, bool):
+            raise errors.InvalidArgument("configuration key 'hook_syslog' must be true or false")
+        if self.hook_log_level not in ("debug", "info", "warning", "error"):
+            raise errors.InvalidArgument(
+                "configuration key 'hook_log_level' must be debug, info, warning or error")
+        if not isinstance(self.hook_reconcile_timeout, (int, float)) or \
+                isinstance(self.hook_reconcile_timeout, bool) or \
+                not 1 <= self.hook_reconcile_timeout <= 3600:
+            raise errors.InvalidArgument(
+                "configuration key 'hook_reconcile_timeout' must be a number of seconds "
+                "in [1, 3600]")
 
 
 def config_path() -> str:

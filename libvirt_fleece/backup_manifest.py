@@ -1,0 +1,323 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""The backup directory: its manifest, its lock, its journal and its naming rules.
+
+A backup directory holds, per disk, a chain of qcow2 files (each incremental
+an overlay whose backing file is the previous point's file, by relative
+name) and ``manifest.json``::
+
+    manifest.json                 {format, domain: {name, uuid}, points: [...]}
+    vda.0000.qcow2                point 0 (full)
+    vda.0001.qcow2                point 1 (incremental, backing vda.0000.qcow2)
+    .libvirt-fleece-backup.lock   flock()ed while a backup writes here
+    .libvirt-fleece-backup.journal  what a running backup created (for cleanup)
+
+Files are written as ``NAME.part`` and renamed into place only after their
+data is complete and flushed and the manifest lists them. The journal names
+every ``.part`` file, snapshot and checkpoint a run creates before it
+creates them, so the next run (holding the lock, hence sure the writer is
+gone) removes exactly those and nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import re
+import tempfile
+from typing import Any, Optional
+
+from . import errors
+
+FORMAT = "libvirt-fleece-backup/1"
+MANIFEST = "manifest.json"
+LOCK = ".libvirt-fleece-backup.lock"
+JOURNAL = ".libvirt-fleece-backup.journal"
+FILE_RE = re.compile(r"(?P<disk>[A-Za-z0-9_-]+)\.(?P<index>\d{4,})\.qcow2(?P<part>\.part)?\Z")
+TMP_RE = re.compile(r"\.(manifest\.json|libvirt-fleece-backup\.journal)\.[A-Za-z0-9_]+\.tmp\Z")
+IGNORED = {"lost+found"}
+
+
+class BackupTargetError(errors.InvalidArgument):
+    """The backup directory cannot be used (not writable, foreign files, another domain)."""
+
+
+class BackupBusy(errors.OperationInvalid):
+    """Another backup is writing into the same directory."""
+
+
+class BackupCorrupt(errors.OperationInvalid):
+    """A file of the backup does not match the manifest."""
+
+
+@dataclasses.dataclass
+class DiskEntry:
+    name: str
+    file: str
+    size: int               # virtual size in bytes
+    copied: int             # bytes read from the export and written
+    sha256: str
+    backing: Optional[str] = None
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class Point:
+    index: int
+    time: str               # UTC, ISO 8601
+    mode: str               # full | incremental
+    checkpoint: str
+    disks: list[DiskEntry]
+    reason: str = ""
+    duration: float = 0.0
+
+    def disk(self, name: str) -> Optional[DiskEntry]:
+        return next((d for d in self.disks if d.name == name), None)
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["disks"] = [x.to_json() for x in self.disks]
+        return d
+
+
+@dataclasses.dataclass
+class Manifest:
+    domain_name: str
+    domain_uuid: str
+    points: list[Point] = dataclasses.field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"format": FORMAT,
+                "domain": {"name": self.domain_name, "uuid": self.domain_uuid},
+                "points": [p.to_json() for p in self.points]}
+
+    def point(self, index: Optional[int]) -> Point:
+        """A point by index (the newest for None). Raises NotFound."""
+        if not self.points:
+            raise errors.NotFound("the backup directory holds no backup point yet")
+        if index is None:
+            return self.points[-1]
+        found = next((p for p in self.points if p.index == index), None)
+        if found is None:
+            raise errors.NotFound(f"no backup point {index} (points: "
+                                  f"{', '.join(str(p.index) for p in self.points)})")
+        return found
+
+    def chain(self, point: Point, disk: str) -> list[DiskEntry]:
+        """The files that make up ``disk`` at ``point``, base first."""
+        entry = point.disk(disk)
+        if entry is None:
+            raise errors.NotFound(f"backup point {point.index} has no disk {disk!r} (it has "
+                                  f"{', '.join(d.name for d in point.disks)})")
+        by_file = {d.file: d for p in self.points for d in p.disks if d.name == disk}
+        chain = [entry]
+        while chain[-1].backing:
+            nxt = by_file.get(chain[-1].backing)
+            if nxt is None:
+                raise BackupCorrupt(f"{chain[-1].file} is backed by {chain[-1].backing}, "
+                                    f"which the manifest does not list")
+            chain.append(nxt)
+        return list(reversed(chain))
+
+
+def file_name(disk: str, index: int, part: bool = False) -> str:
+    return f"{disk}.{index:04d}.qcow2" + (".part" if part else "")
+
+
+def _from_json(data: Any, path: str) -> Manifest:
+    try:
+        if data.get("format") != FORMAT:
+            raise ValueError(f"format {data.get('format')!r} is not {FORMAT!r}")
+        m = Manifest(domain_name=data["domain"]["name"], domain_uuid=data["domain"]["uuid"])
+        for p in data["points"]:
+            m.points.append(Point(
+                index=int(p["index"]), time=p["time"], mode=p["mode"],
+                checkpoint=p["checkpoint"], reason=p.get("reason", ""),
+                duration=float(p.get("duration", 0.0)),
+                disks=[DiskEntry(name=d["name"], file=d["file"], size=int(d["size"]),
+                                 copied=int(d["copied"]), sha256=d["sha256"],
+                                 backing=d.get("backing")) for d in p["disks"]]))
+        return m
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise BackupCorrupt(f"{path} is not a valid backup manifest ({e})") from e
+
+
+def load(directory: str) -> Optional[Manifest]:
+    """The directory's manifest, None when there is none. Raises BackupCorrupt."""
+    path = os.path.join(directory, MANIFEST)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise BackupCorrupt(f"cannot read {path}: {e}") from e
+    return _from_json(data, path)
+
+
+def fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(directory: str, name: str, data: Any) -> None:
+    """Write ``name`` in ``directory`` all or nothing: temp file, fsync, rename, fsync dir."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, os.path.join(directory, name))
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    fsync_dir(directory)
+
+
+def save(directory: str, manifest: Manifest) -> None:
+    write_json_atomic(directory, MANIFEST, manifest.to_json())
+
+
+def sha256_file(path: str, chunk: int = 4 << 20) -> str:
+    h = hashlib.sha256()
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+# --- the directory as a target --------------------------------------------------------
+
+def foreign_files(directory: str, manifest: Optional[Manifest],
+                  parts: Optional[list[str]] = None) -> list[str]:
+    """Entries of ``directory`` that no backup run of ours made (``parts``: the
+    ``.part`` files the journal of an interrupted run names)."""
+    known = {d.file for p in manifest.points for d in p.disks} if manifest else set()
+    known |= set(parts or ())
+    foreign = []
+    for entry in sorted(os.listdir(directory)):
+        if entry in (MANIFEST, LOCK, JOURNAL) or entry in IGNORED or entry in known:
+            continue
+        if TMP_RE.match(entry):
+            continue
+        foreign.append(entry)
+    return foreign
+
+
+def check_target(directory: str, create: bool) -> str:
+    """The absolute path of a usable backup directory (created when ``create``).
+
+    Raises BackupTargetError saying what to do."""
+    path = os.path.abspath(directory)
+    if not os.path.exists(path):
+        if not create:
+            raise BackupTargetError(f"backup directory {path} does not exist")
+        parent = os.path.dirname(path)
+        if not os.path.isdir(parent):
+            raise BackupTargetError(f"cannot create backup directory {path}: its parent "
+                                    f"{parent} does not exist; create it first")
+        try:
+            os.mkdir(path, 0o700)
+        except OSError as e:
+            raise BackupTargetError(f"cannot create backup directory {path}: "
+                                    f"{e.strerror}; choose a writable location") from e
+        return path
+    if not os.path.isdir(path):
+        raise BackupTargetError(f"backup target {path} is not a directory; give a directory")
+    if create and not _writable(path):
+        raise BackupTargetError(f"backup directory {path} is not writable by this process "
+                                f"(check its permissions, ownership and mount options)")
+    return path
+
+
+def _writable(path: str) -> bool:
+    """Whether we can really create a file there (access() lies on read-only mounts)."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".write-test.", dir=path)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(tmp)
+    return True
+
+
+class DirLock:
+    """An exclusive flock() on the directory's lock file, released when the holder dies."""
+
+    def __init__(self, directory: str, wait: float = 0.0) -> None:
+        self.path = os.path.join(directory, LOCK)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        import time
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    os.close(self.fd)
+                    raise
+                if time.monotonic() >= deadline:
+                    os.close(self.fd)
+                    raise BackupBusy(
+                        f"another backup is writing into {directory} (or its clean-up after "
+                        f"an interrupted run is still going on); wait for it to finish") from e
+                time.sleep(0.2)
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+# --- the journal ---------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Journal:
+    """What a running backup created; written before each thing is created."""
+    uri: str
+    domain_uuid: str
+    snapshot: Optional[str] = None
+    checkpoint: Optional[str] = None
+    parts: list[str] = dataclasses.field(default_factory=list)
+    committed: bool = False     # the manifest lists the point; roll forward
+
+    def save(self, directory: str) -> None:
+        write_json_atomic(directory, JOURNAL, dataclasses.asdict(self))
+
+    @staticmethod
+    def load(directory: str) -> Optional["Journal"]:
+        try:
+            with open(os.path.join(directory, JOURNAL), encoding="utf-8") as f:
+                data = json.load(f)
+            return Journal(**data)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, TypeError):
+            return Journal(uri="", domain_uuid="")     # unreadable: nothing to act on
+
+    @staticmethod
+    def remove(directory: str) -> None:
+        try:
+            os.unlink(os.path.join(directory, JOURNAL))
+        except FileNotFoundError:
+            return
+        fsync_dir(directory)
