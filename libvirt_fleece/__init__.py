@@ -16,6 +16,7 @@ from .exports import VIR_DOMAIN_BLOCK_EXPORT_STOP_FORCE
 from .exports import list_all as blockExportList
 from .exports import start as blockExportStart
 from .exports import stop as blockExportStop
+from .reconcile import repair
 from .snapshots import (VIR_DOMAIN_BLOCK_SNAPSHOT_CREATE_CHECKPOINT,
                         VIR_DOMAIN_BLOCK_SNAPSHOT_DELETE_STOP_EXPORTS, BlockSnapshot)
 from .snapshots import create as blockSnapshotCreateXML
@@ -43,6 +44,8 @@ __all__ = [
     "blockExportStop",
     "blockExportList",
     "VIR_DOMAIN_BLOCK_EXPORT_STOP_FORCE",
+    # maintenance
+    "repair",
     # errors
     "Error",
     "InvalidArgument",

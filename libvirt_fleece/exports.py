@@ -22,6 +22,7 @@ from typing import Optional
 import libvirt
 
 from . import bitmaps, blockgraph, checkpoints, documents, errors, metadata
+from .config import Config
 from .documents import Address
 from .faults import killpoint
 from .metadata import ExportRecord, ServerRecord
@@ -37,9 +38,13 @@ FDNAME = "fleece-nbd"
 
 # --- the server ---------------------------------------------------------------
 
+def default_socket_path(cfg: Config, domain_name: str) -> str:
+    return os.path.join(cfg.socket_dir, f"{domain_name}.sock")
+
+
 def _default_socket(sess: Session) -> str:
     os.makedirs(sess.cfg.socket_dir, mode=0o755, exist_ok=True)
-    return os.path.join(sess.cfg.socket_dir, f"{sess.dom.name()}.sock")
+    return default_socket_path(sess.cfg, sess.dom.name())
 
 
 def _resolve_address(sess: Session, addr: Optional[Address]) -> Address:

@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import logging
 
-from . import bitmaps, checkpoints, exports, metadata, snapshots
+from . import bitmaps, checkpoints, exports, metadata, orphans, snapshots
 from .session import Session
 
 log = logging.getLogger(__name__)
 
 
-def finish_interrupted(sess: Session) -> None:
-    """Undo every record left in progress; save the state when it changed."""
+def finish_interrupted(sess: Session) -> list[str]:
+    """Undo every record left in progress, remove orphans, save the state when it
+    changed, and rebuild the checkpoint list. Returns what was repaired."""
     state = sess.state
-    changed = False
+    changed = sess.repaired
     server = state.server
     if server is not None:
         for exp in [e for e in server.exports if e.state != metadata.READY]:
@@ -40,10 +41,12 @@ def finish_interrupted(sess: Session) -> None:
         snapshots.teardown(sess, snap)
         state.snapshots.remove(snap)
         changed = True
-    if changed:
+    done = orphans.sweep(sess)
+    if changed or done:
         sess.save()
     _remove_orphan_bitmaps(sess)
     checkpoints.reconcile(sess)
+    return done
 
 
 def _remove_orphan_bitmaps(sess: Session) -> None:
@@ -59,3 +62,17 @@ def _remove_orphan_bitmaps(sess: Session) -> None:
         log.warning("domain %s: removing %d orphaned temporary bitmap(s)",
                     sess.dom.name(), len(actions))
         bitmaps.run(sess.dom, actions)
+
+
+def repair(dom) -> list[str]:
+    """Make the domain's plugin state agree with qemu and the images; report what changed.
+
+    Finishes or undoes interrupted calls, drops records that match nothing,
+    removes the plugin's orphaned nodes, exports, fdsets, bitmaps and files,
+    and rebuilds the checkpoint list. Every API call does the same first;
+    this runs it on demand (``virsh-fleece repair DOMAIN``).
+    Raises the errors of open_session.
+    """
+    from .session import open_session
+    with open_session(dom) as sess:
+        return list(sess.report)

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 from typing import Iterator
 
 import libvirt
 
-from . import config, lock, metadata, virt
+from . import config, errors, lock, metadata, virt
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -24,6 +27,8 @@ class Session:
     cfg: config.Config
     state: metadata.State
     uuid: str
+    repaired: bool = False      # the stored state was unusable and is being rebuilt
+    report: list = dataclasses.field(default_factory=list)   # what reconciling changed
 
     def save(self) -> None:
         metadata.save(self.dom, self.state)
@@ -40,8 +45,17 @@ def open_session(dom: libvirt.virDomain, reconcile: bool = True) -> Iterator[Ses
     cfg = config.load()
     uuid = virt.domain_uuid(dom)
     with lock.domain_lock(cfg, uuid, dom.name()):
-        sess = Session(dom=dom, cfg=cfg, state=metadata.load(dom), uuid=uuid)
+        try:
+            sess = Session(dom=dom, cfg=cfg, state=metadata.load(dom), uuid=uuid)
+        except errors.InvalidArgument as e:
+            if not reconcile:
+                raise
+            log.error("domain %s: the plugin's metadata is unusable (%s); rebuilding it from "
+                      "qemu and the images", dom.name(), e)
+            sess = Session(dom=dom, cfg=cfg, state=metadata.State(), uuid=uuid, repaired=True)
         if reconcile:
             from . import reconcile as _reconcile
-            _reconcile.finish_interrupted(sess)
+            sess.report = _reconcile.finish_interrupted(sess)
+            if sess.repaired:
+                sess.report.insert(0, "the stored metadata was unusable and was rebuilt")
         yield sess
