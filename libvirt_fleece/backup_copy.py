@@ -85,15 +85,22 @@ def connect_source(socket: str, export: str, contexts: tuple[str, ...] = ()) -> 
 
 
 def connect_target(path: str) -> "nbd.NBD":
-    """A libnbd handle on a qcow2 file served writable by qemu-nbd. Raises CopyError."""
+    """A libnbd handle on a qcow2 file served writable by qemu-nbd. Raises CopyError.
+
+    O_DIRECT (``--cache=none --aio=native``) measured 1.7x faster here than the page
+    cache for a 2 GiB copy including the final flush; filesystems without O_DIRECT
+    (tmpfs) get the page cache."""
     _need_nbd()
-    h = nbd.NBD()
-    try:
-        h.connect_systemd_socket_activation(
-            ["qemu-nbd", "--format=qcow2", "--cache=writeback", "--aio=threads", path])
-    except nbd.Error as e:
-        raise CopyError(f"cannot serve {path} with qemu-nbd: {e}") from e
-    return h
+    last = None
+    for cache in (["--cache=none", "--aio=native"], ["--cache=writeback", "--aio=threads"]):
+        h = nbd.NBD()
+        try:
+            h.connect_systemd_socket_activation(["qemu-nbd", "--format=qcow2"] + cache + [path])
+            return h
+        except nbd.Error as e:
+            last = e
+            log.debug("qemu-nbd %s on %s failed: %s", " ".join(cache), path, e)
+    raise CopyError(f"cannot serve {path} with qemu-nbd: {last}") from last
 
 
 def _status(h: "nbd.NBD", context: str, offset: int, end: int

@@ -298,7 +298,7 @@ class Journal:
     snapshot: Optional[str] = None
     checkpoint: Optional[str] = None
     parts: list[str] = dataclasses.field(default_factory=list)
-    committed: bool = False     # the manifest lists the point; roll forward
+    started: float = 0.0        # epoch: checkpoints older than this are not the run's
 
     def save(self, directory: str) -> None:
         write_json_atomic(directory, JOURNAL, dataclasses.asdict(self))

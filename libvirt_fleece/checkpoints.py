@@ -33,6 +33,7 @@ from lxml import etree
 from . import bitmaps, errors, qmp, virt, xmlutil
 from .bitmaps import Bitmap
 from .faults import killpoint
+from .flags import check_flags
 from .livedisks import LiveDisk, live_disks
 from .metadata import DiskRecord, SnapshotRecord
 from .session import Session, open_session
@@ -385,7 +386,6 @@ class BlockCheckpoint:
         """<domainblockcheckpoint> with validity and bytes changed since, per disk.
 
         Raises NotFound once deleted."""
-        from .snapshots import check_flags
         check_flags(flags, 0, "getXMLDesc")
         with open_session(self._dom) as sess:
             cps = reconcile(sess)
@@ -397,7 +397,6 @@ class BlockCheckpoint:
         """Delete the checkpoint, keeping every other one exact.
 
         Raises OperationInvalid while an export uses it."""
-        from .snapshots import check_flags
         check_flags(flags, 0, "delete")
         with open_session(self._dom) as sess:
             cps = reconcile(sess)
@@ -489,14 +488,12 @@ def checkpoint_document(cp: Checkpoint, changed: dict[str, int]) -> str:
 
 
 def list_all(dom: libvirt.virDomain, flags: int = 0) -> list[BlockCheckpoint]:
-    from .snapshots import check_flags
     check_flags(flags, 0, "blockCheckpointList")
     with open_session(dom) as sess:
         return [BlockCheckpoint(dom, c.name) for c in reconcile(sess)]
 
 
 def lookup(dom: libvirt.virDomain, name: str, flags: int = 0) -> BlockCheckpoint:
-    from .snapshots import check_flags
     check_flags(flags, 0, "blockCheckpointLookupByName")
     if not isinstance(name, str):
         raise errors.InvalidArgument("checkpoint name must be a string")

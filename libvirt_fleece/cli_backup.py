@@ -1,7 +1,78 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
-"""virsh-fleece subcommands for the backup feature (registered by cli.build_parser)."""
+"""virsh-fleece subcommands for the backup feature (registered by cli.build_parser):
+``backup``, ``restore``, ``info`` and ``verify``."""
 
 from __future__ import annotations
+
+import argparse
+import sys
+
+from . import backup as bk
+from .backup_progress import Bar, LogLines, _size
+
+
+def cmd_backup(ctx, args: argparse.Namespace) -> int:
+    dom = ctx.domain(args.domain)
+    progress = None
+    if not ctx.quiet:
+        progress = Bar() if sys.stderr.isatty() else LogLines()
+    result = bk.backup(dom, args.target, mode=args.mode, disks=args.disk or None,
+                       progress=progress)
+    p = result.point
+    ctx.say(f"Backup point {p.index} ({p.mode}) of {dom.name()} written to {result.directory}: "
+            f"{_size(result.copied)} copied in {p.duration:.1f} s, checkpoint {p.checkpoint}")
+    return 0
+
+
+def cmd_restore(ctx, args: argparse.Namespace) -> int:
+    path = bk.restore(args.dir, args.disk, args.to, point=args.point,
+                      check=not args.no_check)
+    ctx.say(f"Disk {args.disk} restored to {path}")
+    return 0
+
+
+def cmd_info(ctx, args: argparse.Namespace) -> int:
+    m = bk.info(args.dir)
+    print(f"Domain: {m.domain_name} ({m.domain_uuid})")
+    rows = []
+    for p in m.points:
+        for d in p.disks:
+            rows.append((str(p.index), p.time, p.mode, p.checkpoint, d.name, d.file,
+                         _size(d.size), _size(d.copied)))
+    print(_table(("Point", "Time (UTC)", "Mode", "Checkpoint", "Disk", "File",
+                        "Size", "Copied"), rows, header=not ctx.quiet))
+    return 0
+
+
+def cmd_verify(ctx, args: argparse.Namespace) -> int:
+    report = bk.verify(args.dir)
+    for problem in report.problems:
+        print(f"FAILED: {problem}")
+    if report.ok:
+        ctx.say(f"All {len(report.checked)} files match the manifest")
+        return 0
+    print(f"{len(report.problems)} problem(s) in {len(report.checked)} files", file=sys.stderr)
+    return 1
+
+
+def _table(headers, rows, header: bool = True) -> str:
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+
+    def line(cells) -> str:
+        return (" " + "   ".join(c.ljust(w) for c, w in zip(cells, widths))).rstrip()
+
+    out = [line(headers), "-" * (len(line(headers)) + 2)] if header else []
+    return "\n".join(out + [line(r) for r in rows])
+
+
+def _point(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a point number") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError("point numbers start at 0")
+    return n
 
 
 def register(sub, add, domain) -> None:
@@ -11,3 +82,53 @@ def register(sub, add, domain) -> None:
     subcommand whose func(ctx, args) -> int runs it (ctx is a
     cli.Context); domain(parser) adds the DOMAIN argument.
     """
+    p = add(sub, "backup", cmd_backup,
+            "back up a running domain's disks into a directory (full or incremental)", """\
+  virsh-fleece backup web1 --target /srv/backup/web1           # full first, then incremental
+  virsh-fleece backup web1 --target /srv/backup/web1 --full
+  virsh-fleece backup web1 --target /srv/backup/web1 --incremental --disk vda --disk vdb
+
+Each run adds a point to DIR: per disk a qcow2 file (an incremental one is an
+overlay backed by the previous point) and manifest.json. qemu-img alone reads
+any point: qemu-img convert -O raw DIR/vda.0003.qcow2 vda.raw
+The checkpoint of each backup stays on the domain (the base of the next
+incremental); delete old ones with blockcheckpoint-delete.
+""")
+    domain(p)
+    p.add_argument("--target", required=True, metavar="DIR",
+                   help="backup directory (one per domain; created if missing)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--full", dest="mode", action="store_const", const="full",
+                      help="copy every allocated cluster")
+    mode.add_argument("--incremental", dest="mode", action="store_const", const="incremental",
+                      help="copy what changed since DIR's newest point (fails if impossible)")
+    mode.add_argument("--auto", dest="mode", action="store_const", const="auto",
+                      help="incremental when possible, else full, saying why (default)")
+    p.set_defaults(mode="auto")
+    p.add_argument("--disk", action="append", default=[], metavar="DISK",
+                   help="a disk to back up (repeatable; default: every disk)")
+
+    p = add(sub, "restore", cmd_restore,
+            "write a disk image of a backup point", """\
+  virsh-fleece restore /srv/backup/web1 --disk vda --to /var/lib/libvirt/images/vda.qcow2
+  virsh-fleece restore /srv/backup/web1 --disk vda --to /tmp/vda.raw --point 0
+""")
+    p.add_argument("dir", metavar="DIR", help="backup directory")
+    p.add_argument("--disk", required=True, help="disk to restore (such as vda)")
+    p.add_argument("--to", required=True, metavar="PATH",
+                   help="new image file: qcow2 if it ends in .qcow2, else raw (never "
+                        "overwritten)")
+    p.add_argument("--point", type=_point, help="point number (default: the newest)")
+    p.add_argument("--no-check", action="store_true",
+                   help="do not verify the chain's checksums first")
+
+    p = add(sub, "info", cmd_info, "list the points and disks of a backup directory", """\
+  virsh-fleece info /srv/backup/web1
+""")
+    p.add_argument("dir", metavar="DIR", help="backup directory")
+
+    p = add(sub, "verify", cmd_verify,
+            "check every file of a backup directory against its manifest", """\
+  virsh-fleece verify /srv/backup/web1 && echo good
+""")
+    p.add_argument("dir", metavar="DIR", help="backup directory")

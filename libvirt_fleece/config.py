@@ -40,6 +40,8 @@ class Config:
     state_dir: str = "/run/libvirt-fleece/state"
     socket_group: Optional[str] = None
     pause_guard_timeout: float = 2.0
+    fleece_size_limit: Optional[int] = None
+    fleece_min_free: int = 256 * 1024
     hook_syslog: bool = True
     hook_log_file: str = "/var/log/libvirt-fleece/hook.log"
     hook_log_level: str = "info"
@@ -58,6 +60,13 @@ class Config:
             except KeyError as e:
                 raise errors.InvalidArgument(
                     f"configuration key 'socket_group': no group {self.socket_group!r}") from e
+        if self.fleece_size_limit is not None and (
+                not isinstance(self.fleece_size_limit, int) or self.fleece_size_limit < 1 << 20):
+            raise errors.InvalidArgument(
+                "configuration key 'fleece_size_limit' must be a number of bytes >= 1048576")
+        if not isinstance(self.fleece_min_free, int) or self.fleece_min_free < 0:
+            raise errors.InvalidArgument(
+                "configuration key 'fleece_min_free' must be a number of bytes >= 0")
         if not isinstance(self.pause_guard_timeout, (int, float)) or \
                 not 0.1 <= self.pause_guard_timeout <= 30:
             raise errors.InvalidArgument(

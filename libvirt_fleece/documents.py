@@ -27,6 +27,7 @@ class SnapshotDiskSpec:
 class SnapshotSpec:
     name: Optional[str]
     disks: list[SnapshotDiskSpec]
+    size_limit: Optional[int] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +90,8 @@ def parse_snapshot(xml: str) -> SnapshotSpec:
     _no_duplicates([d.name for d in disks], "disk", doc)
     _no_duplicates([d.fleece for d in disks if d.fleece], "fleece file", doc)
     name = root.findtext("name")
-    return SnapshotSpec(name=name, disks=disks)
+    limit = root.findtext("sizeLimit")
+    return SnapshotSpec(name=name, disks=disks, size_limit=int(limit) if limit else None)
 
 
 def parse_address(el: Optional[etree._Element]) -> Optional[Address]:
@@ -129,12 +131,20 @@ def address_element(addr: Address) -> etree._Element:
     return el
 
 
-def snapshot_document(name: str, created: int, disks: list[dict]) -> str:
+def snapshot_document(name: str, created: int, disks: list[dict], state: str = "ready",
+                      reason: Optional[str] = None, checkpoint: Optional[str] = None,
+                      size_limit: Optional[int] = None) -> str:
     """The filled-in <domainblocksnapshot>; ``disks`` hold name, file, capacity, allocation."""
     root = etree.Element("domainblocksnapshot")
     etree.SubElement(root, "name").text = name
     etree.SubElement(root, "creationTime").text = str(created)
-    etree.SubElement(root, "state").text = "ready"
+    etree.SubElement(root, "state").text = state
+    if reason:
+        etree.SubElement(root, "reason").text = reason
+    if checkpoint:
+        etree.SubElement(root, "checkpoint").text = checkpoint
+    if size_limit:
+        etree.SubElement(root, "sizeLimit").text = str(size_limit)
     for d in disks:
         el = etree.SubElement(root, "disk", name=d["name"], type="file")
         etree.SubElement(el, "fleece", file=d["file"], capacity=str(d["capacity"]),

@@ -27,7 +27,7 @@ from .documents import Address
 from .faults import killpoint
 from .metadata import ExportRecord, ServerRecord
 from .session import Session, open_session
-from .snapshots import check_flags
+from .flags import check_flags
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +204,9 @@ def _plan_exports(sess: Session, spec: documents.ExportSpec
         snap = sess.state.snapshot(ds.snapshot)
         if snap is None:
             raise errors.NotFound(f"no snapshot {ds.snapshot!r} in domain {sess.dom.name()!r}")
+        if snap.state == metadata.BROKEN:
+            raise errors.OperationInvalid(
+                f"snapshot {snap.name!r} is broken and cannot be read: {snap.reason}")
         index, disk = next(((i, d) for i, d in enumerate(snap.disks) if d.name == ds.name),
                            (None, None))
         if disk is None:

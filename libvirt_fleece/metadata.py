@@ -44,6 +44,8 @@ VERSION = "1"
 CREATING = "creating"
 READY = "ready"
 DELETING = "deleting"
+BROKEN = "broken"          # snapshots only: stopped, reads refused; see ``reason``
+IN_PROGRESS = (CREATING, DELETING)
 
 
 @dataclasses.dataclass
@@ -71,6 +73,8 @@ class SnapshotRecord:
     created: int
     checkpoint: Optional[str] = None   # name of the checkpoint made with the snapshot
     checkpoint_seq: int = 0
+    limit: Optional[int] = None        # bytes each fleece image may grow to
+    reason: Optional[str] = None       # why a broken snapshot broke
     disks: list[DiskRecord] = dataclasses.field(default_factory=list)
 
     def disk(self, name: str) -> Optional[DiskRecord]:
@@ -141,6 +145,9 @@ def _record_from_element(cls, el: etree._Element, **extra):
             continue
         kwargs[field.name] = int(raw) if field.type in ("int", "Optional[int]") else raw
         if field.type == "int" and kwargs[field.name] < 0:
+            raise ValueError(f"negative {field.name}")
+        if field.type == "Optional[int]" and kwargs[field.name] is not None \
+                and kwargs[field.name] < 0:
             raise ValueError(f"negative {field.name}")
     return cls(**kwargs)
 

@@ -29,7 +29,8 @@ class PauseGuard:
         here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [here, env.get("PYTHONPATH")]))
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "libvirt_fleece.pauseguard", uri, domain_uuid, str(timeout)],
+            [sys.executable, "-c", "import sys; from libvirt_fleece import pauseguard; "
+             "sys.exit(pauseguard.main(sys.argv[1:]))", uri, domain_uuid, str(timeout)],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True, close_fds=True, env=env)
 

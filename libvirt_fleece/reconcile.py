@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 
-from . import bitmaps, checkpoints, exports, metadata, orphans, snapshots
+from . import bitmaps, checkpoints, exports, health, metadata, orphans, snapshots
 from .session import Session
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,7 @@ def finish_interrupted(sess: Session) -> list[str]:
     changed = sess.repaired
     server = state.server
     if server is not None:
-        for exp in [e for e in server.exports if e.state != metadata.READY]:
+        for exp in [e for e in server.exports if e.state in metadata.IN_PROGRESS]:
             log.warning("domain %s: removing export %s left behind by an interrupted call",
                         sess.dom.name(), exp.name)
             exports.remove_export(sess, exp, force=True)
@@ -35,13 +35,14 @@ def finish_interrupted(sess: Session) -> list[str]:
                         sess.dom.name())
             exports.stop_server(sess)
             changed = True
-    for snap in [s for s in state.snapshots if s.state != metadata.READY]:
+    for snap in [s for s in state.snapshots if s.state in metadata.IN_PROGRESS]:
         log.warning("domain %s: removing snapshot %s left %s by an interrupted call",
                     sess.dom.name(), snap.name, snap.state)
         snapshots.teardown(sess, snap)
         state.snapshots.remove(snap)
         changed = True
     done = orphans.sweep(sess)
+    done += health.check(sess)
     if changed or done:
         sess.save()
     _remove_orphan_bitmaps(sess)

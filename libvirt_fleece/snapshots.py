@@ -25,8 +25,10 @@ from typing import Optional
 
 import libvirt
 
-from . import bitmaps, blockgraph, checkpoints, documents, errors, fleecefile, metadata, virt
+from . import (bitmaps, blockgraph, checkpoints, documents, errors, fleecefile, health,
+               metadata, virt, watcher)
 from .faults import killpoint
+from .flags import check_flags
 from .livedisks import live_disks
 from .metadata import DiskRecord, SnapshotRecord
 from .pauseguard import PauseGuard
@@ -39,15 +41,6 @@ VIR_DOMAIN_BLOCK_SNAPSHOT_DELETE_STOP_EXPORTS = 1 << 0
 
 _CREATE_FLAGS = VIR_DOMAIN_BLOCK_SNAPSHOT_CREATE_CHECKPOINT
 _DELETE_FLAGS = VIR_DOMAIN_BLOCK_SNAPSHOT_DELETE_STOP_EXPORTS
-
-
-def check_flags(flags: object, allowed: int, what: str) -> int:
-    """Raises InvalidArgument for a non-integer or an unknown flag bit."""
-    if not isinstance(flags, int) or isinstance(flags, bool) or flags < 0:
-        raise errors.InvalidArgument(f"{what}: flags must be a non-negative integer")
-    if flags & ~allowed:
-        raise errors.InvalidArgument(f"{what}: unsupported flags 0x{flags & ~allowed:x}")
-    return flags
 
 
 class BlockSnapshot:
@@ -80,7 +73,9 @@ class BlockSnapshot:
             rec = _lookup(sess, self._name)
             return documents.snapshot_document(rec.name, rec.created, [
                 {"name": d.name, "file": d.file, "capacity": d.capacity,
-                 "allocation": fleecefile.allocation(d.file)} for d in rec.disks])
+                 "allocation": fleecefile.allocation(d.file)} for d in rec.disks],
+                state=rec.state, reason=rec.reason, checkpoint=rec.checkpoint,
+                size_limit=rec.limit)
 
     def delete(self, flags: int = 0) -> None:
         """Remove the snapshot's nodes, fleece files and record.
@@ -293,11 +288,14 @@ def create(dom: libvirt.virDomain, xmlDesc: str, flags: int = 0) -> BlockSnapsho
     spec = documents.parse_snapshot(xmlDesc)
     with open_session(dom) as sess:
         rec, actions = _plan(sess, spec, bool(flags & VIR_DOMAIN_BLOCK_SNAPSHOT_CREATE_CHECKPOINT))
+        rec.limit = spec.size_limit or sess.cfg.fleece_size_limit
         sess.state.snapshots.append(rec)
         sess.save()
         killpoint("snapshot-create:recorded")
         try:
             _build(sess, rec, actions)
+            if rec.limit:
+                health.set_limit(sess, rec)
             rec.state = metadata.READY
             sess.save()
         except BaseException:
@@ -307,6 +305,8 @@ def create(dom: libvirt.virDomain, xmlDesc: str, flags: int = 0) -> BlockSnapsho
         killpoint("snapshot-create:ready")
         if rec.checkpoint:
             checkpoints.reconcile(sess)
+        if rec.limit:
+            watcher.ensure_running(sess)
         log.info("domain %s: created snapshot %s of %s", dom.name(), rec.name,
                  ", ".join(d.name for d in rec.disks))
         return BlockSnapshot(dom, rec.name)

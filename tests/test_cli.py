@@ -17,6 +17,7 @@ import libvirt
 import pytest
 from lxml import etree
 
+import libvirt_fleece as lf
 import vm as testvm
 from conftest import plugin_leftovers
 from libvirt_fleece import bitmaps, checkpoints, cli, cliformat, documents, errors, xmlutil
@@ -405,9 +406,28 @@ def one_line_error(proc: subprocess.CompletedProcess) -> str:
 
 
 @pytest.fixture
-def vm(make_vm):
-    """conftest's two-disk domain, named so a leftover shows it came from here."""
-    return make_vm(disks=2, tag="cli-")
+def make_cli_vm(make_vm):
+    """conftest's domains, named so a leftover shows it came from here; a test that
+    fails half-way leaves no snapshot (whose fleece file would outlive the domain)."""
+    made = []
+
+    def factory(**kwargs):
+        t = make_vm(tag="cli-", **kwargs)
+        made.append(t)
+        return t
+
+    yield factory
+    for t in made:
+        try:
+            for snap in reversed(lf.blockSnapshotList(t.dom)):
+                snap.delete(lf.VIR_DOMAIN_BLOCK_SNAPSHOT_DELETE_STOP_EXPORTS)
+        except lf.Error:
+            pass        # best effort: conftest destroys the domain anyway
+
+
+@pytest.fixture
+def vm(make_cli_vm):
+    return make_cli_vm(disks=2)
 
 
 def fleece_bitmaps(dom) -> list[str]:
@@ -637,8 +657,8 @@ def test_unknown_checkpoint_is_one_line_exit_1(vm):
 
 
 @pytest.mark.integration
-def test_invalid_checkpoint_is_listed_with_its_reason(make_vm):
-    t = make_vm(disks=1, tag="cli-")
+def test_invalid_checkpoint_is_listed_with_its_reason(make_cli_vm):
+    t = make_cli_vm(disks=1)
     ok("-q", "blocksnapshot-create-as", t.name, "--name", "c1", "--checkpoint")
     ok("-q", "blocksnapshot-delete", t.name, "c1")
     t.dom.blockResize("vda", 128 * MiB, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
@@ -657,8 +677,8 @@ def test_invalid_checkpoint_is_listed_with_its_reason(make_vm):
 
 
 @pytest.mark.integration
-def test_checkpoint_on_a_raw_disk_is_refused_in_one_line(make_vm):
-    t = make_vm(disks=1, fmt="raw", tag="cli-")
+def test_checkpoint_on_a_raw_disk_is_refused_in_one_line(make_cli_vm):
+    t = make_cli_vm(disks=1, fmt="raw")
     line = one_line_error(run_cli("blocksnapshot-create-as", t.name, "--name", "c",
                                   "--checkpoint"))
     assert "raw" in line and "qcow2" in line

@@ -1,0 +1,602 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""Full and incremental backups of running domains, on the plugin's public API.
+
+::
+
+    from libvirt_fleece import backup
+    result = backup.backup(dom, "/srv/backup/web1")            # full, then incremental
+    backup.restore("/srv/backup/web1", "vda", "/tmp/vda.qcow2", point=0)
+    backup.info("/srv/backup/web1").points
+    backup.verify("/srv/backup/web1").ok
+
+Each backup takes a block snapshot with a checkpoint (named
+``backup-<UTC time>``), exports it read-only on a unix socket in a fresh
+root-only directory, copies the data (:mod:`.backup_copy`) and tears the
+export and snapshot down again, on errors, Ctrl-C and SIGTERM too; a
+detached guard (:mod:`.backup_guard`) does it if the process is killed.
+The checkpoint stays: it is the base of the next incremental backup. Older
+checkpoints are not deleted (each costs a bitmap of about 2 MiB per TiB of
+disk in the image); delete them with ``blockCheckpointList`` /
+``BlockCheckpoint.delete`` or ``virsh-fleece blockcheckpoint-delete`` when
+you no longer want incrementals from them. Only the newest point's
+checkpoint is needed for the next incremental.
+
+The directory layout is described in :mod:`.backup_manifest`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import dataclasses
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from typing import Optional
+
+import libvirt
+from lxml import etree
+
+from . import backup_copy, checkpoints, disks as disklib, errors, exports, snapshots, virt
+from .backup_copy import Cancelled, CopyError
+from .backup_guard import Guard
+from .backup_manifest import (BackupBusy, BackupCorrupt, BackupTargetError, DirLock, DiskEntry,
+                              Journal, Manifest, Point)
+from .backup_progress import Counter, ProgressCallback, ProgressEvent
+from . import backup_manifest as mf
+
+log = logging.getLogger(__name__)
+
+MODES = ("auto", "full", "incremental")
+NAME_PREFIX = "backup-"
+
+__all__ = ["backup", "restore", "info", "verify", "recover", "BackupResult", "VerifyReport",
+           "BackupTargetError", "BackupBusy", "BackupCorrupt", "NoValidChain", "CopyError",
+           "Cancelled", "ProgressEvent"]
+
+
+class NoValidChain(errors.OperationInvalid):
+    """An incremental backup was asked for, but the directory has no usable chain."""
+
+
+@dataclasses.dataclass
+class BackupResult:
+    point: Point
+    reason: str
+    directory: str
+
+    @property
+    def mode(self) -> str:
+        return self.point.mode
+
+    @property
+    def copied(self) -> int:
+        return sum(d.copied for d in self.point.disks)
+
+
+@dataclasses.dataclass
+class VerifyReport:
+    checked: list[str]
+    problems: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+# --- deciding what to do -------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _Disk:
+    name: str
+    size: int
+
+
+def _domain_disks(dom: libvirt.virDomain, wanted: Optional[list[str]]) -> list[_Disk]:
+    """The disks to back up with their sizes. Raises NotFound or InvalidArgument."""
+    all_disks = disklib.parse_domain_disks(virt.domain_xml(dom))
+    by_name = {d.target: d for d in all_disks}
+    if wanted:
+        if len(set(wanted)) != len(wanted):
+            raise errors.InvalidArgument("a disk is named twice")
+        chosen = []
+        for name in wanted:
+            if name not in by_name:
+                raise errors.NotFound(f"disk {name!r} not found in domain {dom.name()!r} "
+                                      f"(its disks: {', '.join(by_name) or 'none'})")
+            reason = by_name[name].unsupported_reason()
+            if reason:
+                raise errors.InvalidArgument(f"disk {name!r} cannot be backed up: {reason}")
+            chosen.append(by_name[name])
+    else:
+        chosen = [d for d in all_disks if d.unsupported_reason() is None]
+        if not chosen:
+            raise errors.OperationInvalid(f"domain {dom.name()!r} has no disk that can be "
+                                          f"backed up")
+    for d in chosen:
+        if d.format != "qcow2":
+            raise errors.InvalidArgument(
+                f"disk {d.target!r} is {d.format}: backups need checkpoints, which live in "
+                f"qcow2 images; leave it out by naming the other disks with --disk")
+    result = []
+    for d in chosen:
+        try:
+            size = dom.blockInfo(d.target)[0]
+        except libvirt.libvirtError as e:
+            raise virt.translate(e, f"cannot get the size of disk {d.target!r}") from e
+        result.append(_Disk(d.target, int(size)))
+    return result
+
+
+def _checkpoint_problem(dom: libvirt.virDomain, name: str) -> Optional[str]:
+    """Why checkpoint ``name`` cannot be the base of an incremental (None: it can)."""
+    from . import checkpoints as cpmod
+    try:
+        xml = cpmod.lookup(dom, name).getXMLDesc()
+    except errors.NotFound:
+        return (f"checkpoint {name} of the last backup no longer exists (deleted, or the "
+                f"domain's images were replaced)")
+    root = etree.fromstring(xml.encode())
+    if root.findtext("valid") == "yes":
+        return None
+    reasons = sorted({f"{d.get('name')}: {d.get('reason')}" for d in root.findall("disk")
+                      if d.get("valid") == "no" and d.get("reason")})
+    return f"checkpoint {name} of the last backup is invalid ({'; '.join(reasons) or 'unknown'})"
+
+
+def _decide(dom: libvirt.virDomain, directory: str, manifest: Manifest, disks: list[_Disk],
+            mode: str) -> tuple[str, str, Optional[Point]]:
+    """(mode, why, base point) for this run. Raises NoValidChain for an impossible
+    incremental."""
+    if mode == "full":
+        return "full", "a full backup was asked for", None
+    problem = None
+    last = manifest.points[-1] if manifest.points else None
+    if last is None:
+        problem = f"{directory} holds no backup yet"
+    else:
+        before = {d.name: d.size for d in last.disks}
+        now = {d.name: d.size for d in disks}
+        if set(before) != set(now):
+            problem = (f"the disks changed since point {last.index} (then "
+                       f"{','.join(sorted(before))}, now {','.join(sorted(now))})")
+        else:
+            resized = [f"{n} from {before[n]} to {now[n]} bytes" for n in sorted(now)
+                       if before[n] != now[n]]
+            if resized:
+                problem = f"disks were resized since point {last.index}: {', '.join(resized)}"
+        if problem is None:
+            missing = [d.file for d in last.disks
+                       if not os.path.exists(os.path.join(directory, d.file))]
+            if missing:
+                problem = f"files of point {last.index} are missing: {', '.join(missing)}"
+        if problem is None:
+            problem = _checkpoint_problem(dom, last.checkpoint)
+    if problem is None:
+        return ("incremental", f"checkpoint {last.checkpoint} of point {last.index} is valid",
+                last)
+    if mode == "incremental":
+        raise NoValidChain(f"cannot take an incremental backup: {problem}; take a full one "
+                           f"(--full, or --auto which picks it)")
+    return "full", problem, None
+
+
+# --- the run -----------------------------------------------------------------------
+
+def _utc() -> tuple[str, str]:
+    now = time.time()
+    return (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
+            time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now)))
+
+
+def _export_xml(sock: str, name: str, disks: list[_Disk], base: Optional[Point]) -> str:
+    root = etree.Element("domainblockexport", type="nbd")
+    etree.SubElement(root, "address", type="unix", socket=sock)
+    for d in disks:
+        attrs = {"name": d.name, "snapshot": name, "exportname": d.name}
+        if base is not None:
+            attrs["checkpoint"] = base.checkpoint
+        etree.SubElement(root, "disk", **attrs)
+    return etree.tostring(root, encoding="unicode")
+
+
+def _bitmaps(dom: libvirt.virDomain, snapshot: str) -> dict[str, str]:
+    """Disk -> dirty bitmap name of our exports (from blockExportList's live document)."""
+    out = {}
+    for doc in exports.list_all(dom):
+        for d in etree.fromstring(doc.encode()).findall("disk"):
+            if d.get("snapshot") == snapshot and d.get("bitmap"):
+                out[d.get("name")] = d.get("bitmap")
+    return out
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """In the main thread, turn SIGTERM into KeyboardInterrupt so teardown runs."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _say(progress: Optional[ProgressCallback], text: str) -> None:
+    log.info("%s", text)
+    if progress is not None:
+        progress(ProgressEvent("message", text=text))
+
+
+def backup(dom: libvirt.virDomain, target_dir: str, mode: str = "auto",
+           disks: Optional[list[str]] = None,
+           progress: Optional[ProgressCallback] = None,
+           in_flight: int = backup_copy.IN_FLIGHT,
+           request_size: int = backup_copy.REQUEST_SIZE) -> BackupResult:
+    """Back up the domain's disks into ``target_dir`` (created if missing).
+
+    ``mode``: ``full``, ``incremental`` (since the directory's newest point) or
+    ``auto`` (incremental when the chain is usable, else full; the result says
+    why). ``disks``: target names (default: every disk). ``progress`` gets
+    :class:`ProgressEvent` objects.
+
+    Raises BackupTargetError (not writable, foreign files, another domain's
+    backups), BackupBusy, NoValidChain, NotFound / InvalidArgument (disks),
+    CopyError, Cancelled, and the plugin's snapshot and export errors. On any
+    failure the snapshot and export are gone and no file looks like a backup.
+    """
+    if mode not in MODES:
+        raise errors.InvalidArgument(f"mode {mode!r} is not one of {', '.join(MODES)}")
+    virt.check_domain(dom)
+    directory = mf.check_target(target_dir, create=True)
+    lock = DirLock(directory, wait=30.0)
+    try:
+        recover(directory, dom.connect())
+        manifest = mf.load(directory)
+        uuid = dom.UUIDString()
+        if manifest is not None and manifest.domain_uuid != uuid:
+            raise BackupTargetError(
+                f"{directory} holds the backups of domain {manifest.domain_name!r} "
+                f"(UUID {manifest.domain_uuid}), not of {dom.name()!r} (UUID {uuid}); "
+                f"use one directory per domain")
+        foreign = mf.foreign_files(directory, manifest)
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+            raise BackupTargetError(
+                f"{directory} holds files that are not part of a backup ({shown}); use an "
+                f"empty directory or one that this tool wrote")
+        if manifest is None:
+            manifest = Manifest(domain_name=dom.name(), domain_uuid=uuid)
+        chosen = _domain_disks(dom, disks)
+        mode, reason, base = _decide(dom, directory, manifest, chosen, mode)
+        _say(progress, f"{mode} backup of {dom.name()} ({', '.join(d.name for d in chosen)}): "
+                       f"{reason}")
+        with _sigterm_as_interrupt():
+            guard = Guard(directory, lock.fd)
+            try:
+                point = _run(dom, directory, manifest, chosen, mode, reason, base, progress,
+                             in_flight, request_size)
+            finally:
+                guard.done()
+        return BackupResult(point=point, reason=reason, directory=directory)
+    finally:
+        lock.release()
+
+
+def _run(dom: libvirt.virDomain, directory: str, manifest: Manifest, disks: list[_Disk],
+         mode: str, reason: str, base: Optional[Point], progress: Optional[ProgressCallback],
+         in_flight: int, request_size: int) -> Point:
+    started = time.monotonic()
+    when, stamp = _utc()
+    name = f"{NAME_PREFIX}{stamp}"
+    index = manifest.points[-1].index + 1 if manifest.points else 0
+    journal = Journal(uri=dom.connect().getURI(), domain_uuid=dom.UUIDString(),
+                      snapshot=name, checkpoint=name,
+                      parts=[mf.file_name(d.name, index, part=True) for d in disks],
+                      started=time.time())
+    journal.save(directory)
+    sockdir = tempfile.mkdtemp(prefix="libvirt-fleece-backup-")     # mode 0700
+    sock = os.path.join(sockdir, "nbd.sock")
+    committed = False
+    try:
+        for attempt in range(2, 100):
+            try:
+                snapshots.create(dom, "<domainblocksnapshot><name>%s</name>%s"
+                                 "</domainblocksnapshot>" % (name, "".join(
+                                     f"<disk name='{d.name}'/>" for d in disks)),
+                                 snapshots.VIR_DOMAIN_BLOCK_SNAPSHOT_CREATE_CHECKPOINT)
+                break
+            except errors.AlreadyExists:        # two backups within one second
+                if attempt == 99:
+                    raise
+                name = f"{NAME_PREFIX}{stamp}.{attempt}"
+                journal.snapshot = journal.checkpoint = name
+                journal.save(directory)
+        exports.start(dom, _export_xml(sock, name, disks, base))
+        bitmaps = _bitmaps(dom, name) if base is not None else {}
+        entries = _copy_all(directory, disks, index, base, sock, bitmaps, progress,
+                            in_flight, request_size)
+        _teardown(dom, name)
+        for e in entries:       # checksums after the teardown: the guest runs unburdened
+            e.sha256 = mf.sha256_file(os.path.join(directory, e.file + ".part"))
+        point = Point(index=index, time=when, mode=mode, checkpoint=name, disks=entries,
+                      reason=reason, duration=round(time.monotonic() - started, 3))
+        manifest.points.append(point)
+        mf.save(directory, manifest)       # from here on the point exists (roll forward)
+        committed = True
+        for e in entries:
+            os.rename(os.path.join(directory, e.file + ".part"), os.path.join(directory, e.file))
+        mf.fsync_dir(directory)
+        Journal.remove(directory)
+        _say(progress, f"point {index} ({mode}) done: {_human(point_copied(point))} copied "
+                       f"in {point.duration:.1f} s")
+        return point
+    except BaseException:
+        if committed:
+            raise
+        log.info("backup of %s failed; cleaning up", dom.name())
+        try:
+            _cleanup(dom, directory, journal, delete_checkpoint=True)
+        except Exception:  # noqa: BLE001 - the guard / next run retries; keep the cause
+            log.exception("cleaning up after the failed backup failed; the next backup "
+                          "into %s retries", directory)
+        raise
+    finally:
+        shutil.rmtree(sockdir, ignore_errors=True)
+
+
+def point_copied(point: Point) -> int:
+    return sum(d.copied for d in point.disks)
+
+
+def _human(n: float) -> str:
+    from .backup_progress import _size
+    return _size(n)
+
+
+def _copy_all(directory: str, disks: list[_Disk], index: int, base: Optional[Point],
+              sock: str, bitmaps: dict[str, str], progress: Optional[ProgressCallback],
+              in_flight: int, request_size: int) -> list[DiskEntry]:
+    """Plan every disk, then copy all of them in parallel threads."""
+    plans = []
+    try:
+        for d in disks:
+            ctx = f"qemu:dirty-bitmap:{bitmaps[d.name]}" if base is not None else None
+            if base is not None and d.name not in bitmaps:
+                raise errors.InternalError(f"the export of disk {d.name!r} has no bitmap")
+            src = backup_copy.connect_source(sock, d.name, (ctx,) if ctx else ())
+            plans.append((d, src, backup_copy.plan_incremental(src, ctx) if ctx
+                          else backup_copy.plan_full(src)))
+        counter = Counter(progress, sum(backup_copy.data_bytes(p[2]) for p in plans))
+        cancel = threading.Event()
+
+        def one(d: _Disk, src, extents) -> DiskEntry:
+            file = mf.file_name(d.name, index)
+            path = os.path.join(directory, file + ".part")
+            backing = base.disk(d.name).file if base is not None else None
+            cmd = ["qemu-img", "create", "-q", "-f", "qcow2"]
+            if backing:
+                cmd += ["-b", backing, "-F", "qcow2"]
+            _run_tool(cmd + [path, str(d.size)])
+            dst = backup_copy.connect_target(path)
+            try:
+                copied = backup_copy.copy(src, dst, extents, counter.add, cancel,
+                                          request_size, in_flight)
+                dst.shutdown()
+            finally:
+                del dst     # waits for qemu-nbd, which closes the image cleanly
+            backup_copy.fsync_file(path)
+            return DiskEntry(name=d.name, file=file, size=d.size, copied=copied, sha256="",
+                             backing=backing)
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=len(plans)) as pool:
+            futures = [pool.submit(one, *p) for p in plans]
+            try:
+                while True:
+                    done, pending = concurrent.futures.wait(
+                        futures, timeout=0.2,
+                        return_when=concurrent.futures.FIRST_EXCEPTION)
+                    if any(f.exception() for f in done) or not pending:
+                        break
+            except BaseException:
+                cancel.set()
+                raise
+            finally:
+                if any(not f.done() or f.exception() for f in futures):
+                    cancel.set()
+            entries = [f.result() for f in futures]     # raises the first failure
+        counter.finish()
+        return entries
+    finally:
+        for p in plans:
+            with contextlib.suppress(Exception):
+                p[1].shutdown()
+
+
+def _run_tool(cmd: list[str]) -> str:
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    except OSError as e:
+        raise errors.OperationInvalid(f"cannot run {cmd[0]}: {e.strerror} (install "
+                                      f"qemu-utils)") from e
+    if r.returncode != 0:
+        raise CopyError(f"{' '.join(cmd)} failed: {r.stderr.strip()}")
+    return r.stdout
+
+
+def _teardown(dom: libvirt.virDomain, name: str) -> None:
+    """Stop the snapshot's exports and delete it; tolerate it being gone."""
+    try:
+        snap = snapshots.lookup(dom, name)
+    except errors.NotFound:
+        return
+    snap.delete(snapshots.VIR_DOMAIN_BLOCK_SNAPSHOT_DELETE_STOP_EXPORTS)
+
+
+def _cleanup(dom: Optional[libvirt.virDomain], directory: str, journal: Journal,
+             delete_checkpoint: bool) -> None:
+    """Undo what the journal names: snapshot (with exports), checkpoint, .part files."""
+    if dom is not None and dom.isActive():
+        if journal.snapshot:
+            _teardown(dom, journal.snapshot)
+        if delete_checkpoint and journal.checkpoint:
+            try:
+                cp = checkpoints.lookup(dom, journal.checkpoint)
+                created = etree.fromstring(cp.getXMLDesc().encode()).findtext("creationTime")
+                if int(created or 0) >= int(journal.started):   # made by that run, not before
+                    cp.delete()
+                    log.info("deleted checkpoint %s of the unfinished backup",
+                             journal.checkpoint)
+            except errors.NotFound:
+                pass
+    elif journal.checkpoint and delete_checkpoint:
+        log.warning("domain is not running: checkpoint %s of the unfinished backup was not "
+                    "deleted (harmless; delete it with blockcheckpoint-delete)",
+                    journal.checkpoint)
+    for part in journal.parts:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(directory, part))
+    mf.fsync_dir(directory)
+    Journal.remove(directory)
+
+
+def recover(directory: str, conn: Optional[libvirt.virConnect] = None) -> list[str]:
+    """Finish or undo what an interrupted backup into ``directory`` left; the caller
+    holds the directory's lock (or is its guard). Returns what was done."""
+    done: list[str] = []
+    for entry in os.listdir(directory):
+        if mf.TMP_RE.match(entry):
+            os.unlink(os.path.join(directory, entry))
+            done.append(f"removed temporary file {entry}")
+    journal = Journal.load(directory)
+    if journal is None:
+        return done
+    manifest = mf.load(directory)
+    point = next((p for p in manifest.points if p.checkpoint == journal.checkpoint), None) \
+        if manifest is not None and journal.checkpoint else None
+    dom = None
+    if journal.domain_uuid:
+        own = conn is None
+        try:
+            if own:
+                conn = virt.open_connection(journal.uri or None)
+            dom = conn.lookupByUUIDString(journal.domain_uuid)
+        except libvirt.libvirtError:
+            dom = None
+        except errors.Error as e:
+            log.warning("cannot reach libvirt to clean up domain %s: %s", journal.domain_uuid, e)
+    if point is not None:       # the manifest lists it: roll forward
+        for e in point.disks:
+            final = os.path.join(directory, e.file)
+            if os.path.exists(final + ".part") and not os.path.exists(final):
+                os.rename(final + ".part", final)
+        mf.fsync_dir(directory)
+        if dom is not None and dom.isActive() and journal.snapshot:
+            _teardown(dom, journal.snapshot)
+        Journal.remove(directory)
+        done.append(f"completed point {point.index}")
+        return done
+    _cleanup(dom, directory, journal, delete_checkpoint=True)
+    done.append(f"removed the unfinished backup {journal.snapshot}")
+    log.warning("cleaned up the unfinished backup %s in %s", journal.snapshot, directory)
+    return done
+
+
+# --- reading a backup ------------------------------------------------------------------
+
+def info(target_dir: str) -> Manifest:
+    """The manifest of a backup directory. Raises BackupTargetError, BackupCorrupt."""
+    directory = mf.check_target(target_dir, create=False)
+    manifest = mf.load(directory)
+    if manifest is None:
+        raise BackupTargetError(f"{directory} holds no backup (no {mf.MANIFEST})")
+    return manifest
+
+
+def verify(target_dir: str) -> VerifyReport:
+    """Check every file of every point against the manifest (checksum, size, backing)."""
+    directory = mf.check_target(target_dir, create=False)
+    manifest = info(directory)
+    checked, problems = [], []
+    for p in manifest.points:
+        for d in p.disks:
+            path = os.path.join(directory, d.file)
+            checked.append(d.file)
+            if not os.path.exists(path):
+                problems.append(f"point {p.index} disk {d.name}: {d.file} is missing")
+                continue
+            if mf.sha256_file(path) != d.sha256:
+                problems.append(f"point {p.index} disk {d.name}: {d.file} does not match "
+                                f"its checksum")
+                continue
+            problems += _check_image(p, d, path)
+    return VerifyReport(checked=checked, problems=problems)
+
+
+def _check_image(p: Point, d: DiskEntry, path: str) -> list[str]:
+    import json
+    try:
+        data = json.loads(_run_tool(["qemu-img", "info", "--output=json", "-U", path]))
+    except (CopyError, ValueError) as e:
+        return [f"point {p.index} disk {d.name}: qemu-img cannot read {d.file}: {e}"]
+    out = []
+    if data.get("format") != "qcow2" or data.get("virtual-size") != d.size:
+        out.append(f"point {p.index} disk {d.name}: {d.file} is not a qcow2 of {d.size} bytes")
+    if data.get("backing-filename") != d.backing:
+        out.append(f"point {p.index} disk {d.name}: {d.file} has backing file "
+                   f"{data.get('backing-filename')!r}, the manifest says {d.backing!r}")
+    return out
+
+
+def restore(target_dir: str, disk: str, to_path: str, point: Optional[int] = None,
+            check: bool = True) -> str:
+    """Write the image of ``disk`` at backup ``point`` (default: the newest) to
+    ``to_path``: qcow2 when it ends in ``.qcow2``, raw otherwise. Never overwrites.
+
+    With ``check`` the chain's checksums are verified first. Raises NotFound,
+    AlreadyExists, BackupCorrupt, BackupTargetError."""
+    directory = mf.check_target(target_dir, create=False)
+    manifest = info(directory)
+    chosen = manifest.point(point)
+    chain = manifest.chain(chosen, disk)
+    to_path = os.path.abspath(to_path)
+    if os.path.lexists(to_path):
+        raise errors.AlreadyExists(f"{to_path} already exists; restore never overwrites a "
+                                   f"file: remove it or choose another path")
+    if not os.path.isdir(os.path.dirname(to_path)):
+        raise errors.InvalidArgument(f"directory {os.path.dirname(to_path)} does not exist")
+    for e in chain:
+        path = os.path.join(directory, e.file)
+        if not os.path.exists(path):
+            raise BackupCorrupt(f"{path} is missing; point {chosen.index} cannot be restored")
+        if check and mf.sha256_file(path) != e.sha256:
+            raise BackupCorrupt(f"{path} does not match its checksum in the manifest; "
+                                f"point {chosen.index} cannot be restored")
+    fmt = "qcow2" if to_path.endswith(".qcow2") else "raw"
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(to_path)}.", suffix=".restoring",
+                               dir=os.path.dirname(to_path))
+    os.close(fd)
+    try:
+        _run_tool(["qemu-img", "convert", "-f", "qcow2", "-O", fmt, "-W", "-m", "8",
+                   os.path.join(directory, chain[-1].file), tmp])
+        backup_copy.fsync_file(tmp)
+        try:
+            os.link(tmp, to_path)       # fails if to_path appeared meanwhile
+        except FileExistsError as e:
+            raise errors.AlreadyExists(f"{to_path} already exists; restore never "
+                                       f"overwrites a file") from e
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    return to_path

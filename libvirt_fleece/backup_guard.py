@@ -1,0 +1,63 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""Clean up after a backup whose process was killed (SIGKILL, OOM, lost session).
+
+A running backup starts this as a detached process with a pipe on its
+stdin and the backup directory's lock fd. The backup writes ``done`` when
+it has finished (successfully or after cleaning up an error itself). If
+the pipe closes without ``done``, the backup died: the guard, still holding
+the directory's lock, runs :func:`libvirt_fleece.backup.recover`, which
+deletes the snapshot (and its export) and the unused checkpoint named in
+the journal, and removes the ``.part`` files. Should the guard die too, the
+next backup into the directory does the same before anything else.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+
+log = logging.getLogger(__name__)
+
+
+class Guard:
+    def __init__(self, directory: str, lock_fd: int) -> None:
+        env = dict(os.environ)
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [here, env.get("PYTHONPATH")]))
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "libvirt_fleece.backup_guard", directory, str(lock_fd)],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True, pass_fds=(lock_fd,), env=env)
+
+    def done(self) -> None:
+        """The backup cleaned up after itself: let the guard go without doing anything."""
+        try:
+            self._proc.stdin.write(b"done\n")
+            self._proc.stdin.close()
+        except OSError:
+            log.warning("the backup's guard process is gone")
+        try:
+            self._proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            log.warning("the backup's guard process did not exit")
+
+
+def main(argv: list[str]) -> int:
+    directory = argv[0]
+    data = sys.stdin.buffer.read()      # until the backup process says done or dies
+    if b"done" in data:
+        return 0
+    logging.basicConfig(level=logging.INFO)
+    from . import backup
+    try:
+        backup.recover(directory)
+    except Exception:  # noqa: BLE001 - the next backup run retries
+        log.exception("cleaning up the interrupted backup in %s failed", directory)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

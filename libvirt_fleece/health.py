@@ -1,0 +1,95 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""Is each snapshot still the disk at its instant? Break it cleanly when not.
+
+A snapshot breaks when its fleece image cannot take the old data a guest
+write displaces. The copy-before-write filter (on-cbw-error=break-snapshot)
+then keeps the guest writing and makes every read of the snapshot fail;
+qemu has no query for that state, so the plugin also judges it from outside,
+whenever it looks at a domain (every API call, and the watcher process on
+qemu's BLOCK_WRITE_THRESHOLD event):
+
+- a size limit (``<sizeLimit>`` or ``fleece_size_limit``): qemu's write
+  threshold on the fleece image's file node fires when the image grows past
+  it; the highest offset written (``query-blockstats``) shows it afterwards;
+- a full filesystem: less than ``fleece_min_free`` bytes free where the
+  fleece image lives means copies may have failed.
+
+Breaking stops the snapshot's exports (clients are cut off), removes its
+nodes and fleece image where the graph allows, and keeps the record with
+state ``broken`` and the reason until the user deletes it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+from . import blockgraph, exports, metadata, qmp
+from .metadata import SnapshotRecord
+from .session import Session
+
+log = logging.getLogger(__name__)
+
+
+def _highest_offsets(sess: Session) -> dict[str, int]:
+    stats = qmp.execute(sess.dom, "query-blockstats", {"query-nodes": True})
+    return {s["node-name"]: s["stats"].get("wr_highest_offset", 0)
+            for s in stats if s.get("node-name")}
+
+
+def _problem(sess: Session, rec: SnapshotRecord, offsets: dict[str, int]) -> Optional[str]:
+    for d in rec.disks:
+        if rec.limit and offsets.get(d.fleece_node + "f", 0) > rec.limit:
+            return (f"the fleece image of disk {d.name!r} outgrew the snapshot's size limit "
+                    f"of {rec.limit} bytes; delete the snapshot and take a new one")
+        try:
+            st = os.statvfs(os.path.dirname(d.file))
+        except OSError:
+            continue
+        if st.f_bavail * st.f_frsize < sess.cfg.fleece_min_free:
+            return (f"the filesystem holding the fleece image of disk {d.name!r} "
+                    f"({os.path.dirname(d.file)}) is full, so the snapshot may have lost old "
+                    f"data: its reads are refused; free space, delete it and take a new one")
+    return None
+
+
+def set_limit(sess: Session, rec: SnapshotRecord) -> None:
+    """Arm qemu's write threshold on each fleece image of a limited snapshot."""
+    for d in rec.disks:
+        qmp.execute(sess.dom, "block-set-write-threshold",
+                    {"node-name": d.fleece_node + "f", "write-threshold": rec.limit})
+
+
+def break_snapshot(sess: Session, rec: SnapshotRecord, reason: str) -> None:
+    """Stop a snapshot that can no longer be trusted; keep its record as broken."""
+    from . import snapshots
+    log.error("domain %s: snapshot %s is broken: %s", sess.dom.name(), rec.name, reason)
+    users = [e for e in sess.state.exports() if e.snapshot == rec.name]
+    exports.stop_exports(sess, users, force=True)
+    stacked = any(d.below == mine.filter_node for s in sess.state.snapshots
+                  for d in s.disks for mine in rec.disks)
+    if stacked:
+        # a newer snapshot's filter sits on ours: only the access node can go now
+        nodes = blockgraph.node_names(sess.dom)
+        for d in rec.disks:
+            blockgraph.remove_node(sess.dom, d.access_node, nodes)
+    else:
+        snapshots.teardown(sess, rec)
+    rec.state, rec.reason = metadata.BROKEN, reason
+    sess.save()
+
+
+def check(sess: Session) -> list[str]:
+    """Break every ready snapshot that outgrew its limit or lost its storage."""
+    ready = [s for s in sess.state.snapshots if s.state == metadata.READY]
+    if not ready:
+        return []
+    offsets = _highest_offsets(sess)
+    done = []
+    for rec in ready:
+        reason = _problem(sess, rec, offsets)
+        if reason:
+            break_snapshot(sess, rec, reason)
+            done.append(f"snapshot {rec.name} broke: {reason}")
+    return done

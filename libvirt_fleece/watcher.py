@@ -1,0 +1,127 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""The per-domain watcher: acts on qemu's BLOCK_WRITE_THRESHOLD while nobody calls the plugin.
+
+A snapshot with a size limit arms qemu's write threshold on its fleece
+images (:mod:`.health`). qemu reports crossing it with a QMP event, which
+only a process listening at that moment receives. So creating a limited
+snapshot makes sure one detached watcher per domain runs (a ``flock`` on
+``<state_dir>/<uuid>.watcher`` keeps it single): it listens through
+libvirt's event loop and on the event runs the plugin's reconcile, which
+breaks the snapshot cleanly before the host filesystem fills. It exits
+when the domain stops or has no limited snapshot left.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import logging.handlers
+import os
+import subprocess
+import sys
+import time
+
+from .session import Session
+
+log = logging.getLogger(__name__)
+
+CHECK_INTERVAL = 2.0
+
+
+def _lock_path(state_dir: str, domain_uuid: str) -> str:
+    return os.path.join(state_dir, f"{domain_uuid}.watcher")
+
+
+def _try_lock(path: str):
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def ensure_running(sess: Session) -> None:
+    """Start the domain's watcher unless one runs already."""
+    os.makedirs(sess.cfg.state_dir, mode=0o700, exist_ok=True)
+    fd = _try_lock(_lock_path(sess.cfg.state_dir, sess.uuid))
+    if fd is None:
+        return                      # a watcher holds the lock
+    os.close(fd)
+    env = dict(os.environ)
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [here, env.get("PYTHONPATH")]))
+    subprocess.Popen([sys.executable, "-c",
+                      "import sys; from libvirt_fleece import watcher; "
+                      "sys.exit(watcher.main(sys.argv[1], sys.argv[2]))",
+                      sess.dom.connect().getURI(), sess.uuid],
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True, env=env)
+
+
+def _still_needed(dom) -> bool:
+    import libvirt
+    from . import metadata
+    try:
+        if dom.state()[0] not in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_PAUSED):
+            return False
+        state = metadata.load(dom)
+    except Exception:  # noqa: BLE001 - domain gone or unreadable: nothing to watch
+        return False
+    return any(s.limit and s.state == metadata.READY for s in state.snapshots)
+
+
+def main(uri: str, domain_uuid: str) -> int:
+    import libvirt
+    import libvirt_qemu
+
+    from . import config, reconcile
+    handler = logging.handlers.SysLogHandler("/dev/log") if os.path.exists("/dev/log") \
+        else logging.StreamHandler()
+    logging.basicConfig(level=logging.INFO, handlers=[handler],
+                        format="libvirt-fleece-watcher[%(process)d]: %(message)s")
+    cfg = config.load()
+    fd = _try_lock(_lock_path(cfg.state_dir, domain_uuid))
+    if fd is None:
+        return 0
+    libvirt.registerErrorHandler(lambda _c, _e: None, None)
+    libvirt.virEventRegisterDefaultImpl()
+    conn = libvirt.open(uri)
+    dom = conn.lookupByUUIDString(domain_uuid)
+    pending: list[dict] = []
+
+    def on_event(_conn, _dom, event, _secs, _usecs, details, _opaque):
+        try:
+            data = json.loads(details) if isinstance(details, str) else (details or {})
+        except ValueError:
+            data = {}
+        if event == "BLOCK_WRITE_THRESHOLD" and \
+                str(data.get("node-name", "")).startswith("fleece-"):
+            pending.append(data)
+
+    libvirt_qemu.qemuMonitorEventRegister(conn, dom, "BLOCK_WRITE_THRESHOLD", on_event, None, 0)
+    libvirt.virEventAddTimeout(int(CHECK_INTERVAL * 1000), lambda _t, _o: None, None)
+    log.info("watching domain %s for fleece size limits", dom.name())
+    last_check = time.monotonic()
+    while True:
+        libvirt.virEventRunDefaultImpl()
+        if pending:
+            log.warning("domain %s: fleece image passed its size limit (%s)", dom.name(),
+                        pending[-1].get("node-name"))
+            pending.clear()
+            try:
+                for line in reconcile.repair(dom):
+                    log.warning("domain %s: %s", dom.name(), line)
+            except Exception:  # noqa: BLE001 - keep watching; the next call retries
+                log.exception("domain %s: could not break the snapshot", dom.name())
+        if time.monotonic() - last_check >= CHECK_INTERVAL:
+            last_check = time.monotonic()
+            if not _still_needed(dom):
+                log.info("domain %s: no limited snapshot left; watcher exits", dom.name())
+                return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1], sys.argv[2]))
