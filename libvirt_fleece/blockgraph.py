@@ -129,15 +129,18 @@ def closefd(dom: libvirt.virDomain, fdname: str) -> None:
         pass  # already consumed or never passed
 
 
-def nbd_server_start(dom: libvirt.virDomain, fdname: str) -> None:
+def nbd_server_start(dom: libvirt.virDomain, fdname: str,
+                     tls_creds: Optional[str] = None) -> None:
     """Start qemu's (only) NBD server on a listening socket passed as ``fdname``.
 
     Raises OperationInvalid when another NBD server (libvirt's backup or
     migration) already runs in this qemu.
     """
+    args: dict = {"addr": {"type": "fd", "data": {"str": fdname}}}
+    if tls_creds:
+        args["tls-creds"] = tls_creds
     try:
-        qmp.execute(dom, "nbd-server-start",
-                    {"addr": {"type": "fd", "data": {"str": fdname}}})
+        qmp.execute(dom, "nbd-server-start", args)
     except errors.QMPError as e:
         if "already running" in e.desc:
             raise errors.OperationInvalid(

@@ -42,6 +42,7 @@ class Config:
     pause_guard_timeout: float = 2.0
     fleece_size_limit: Optional[int] = None
     fleece_min_free: int = 256 * 1024
+    tls_dir: str = "/etc/pki/libvirt-fleece"
     hook_syslog: bool = True
     hook_log_file: str = "/var/log/libvirt-fleece/hook.log"
     hook_log_level: str = "info"

@@ -36,11 +36,12 @@ class Address:
     socket: Optional[str] = None
     host: Optional[str] = None
     port: Optional[int] = None
+    tls: bool = False
 
     def describe(self) -> str:
         if self.type == "unix":
             return f"unix socket {self.socket}" if self.socket else "a unix socket"
-        return f"{self.host}:{self.port}"
+        return f"{self.host}:{self.port}" + (" with TLS" if self.tls else "")
 
 
 @dataclasses.dataclass
@@ -99,7 +100,7 @@ def parse_address(el: Optional[etree._Element]) -> Optional[Address]:
         return None
     port = el.get("port")
     return Address(type=el.get("type"), socket=el.get("socket"), host=el.get("host"),
-                   port=int(port) if port is not None else None)
+                   port=int(port) if port is not None else None, tls=el.get("tls") == "yes")
 
 
 def parse_export(xml: str) -> ExportSpec:
@@ -128,6 +129,8 @@ def address_element(addr: Address) -> etree._Element:
         el.set("host", addr.host or "")
         if addr.port is not None:
             el.set("port", str(addr.port))
+        if addr.tls:
+            el.set("tls", "yes")
     return el
 
 

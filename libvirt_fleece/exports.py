@@ -21,7 +21,7 @@ from typing import Optional
 
 import libvirt
 
-from . import bitmaps, blockgraph, checkpoints, documents, errors, metadata
+from . import bitmaps, blockgraph, checkpoints, documents, errors, metadata, tls
 from .config import Config
 from .documents import Address
 from .faults import killpoint
@@ -51,18 +51,19 @@ def _resolve_address(sess: Session, addr: Optional[Address]) -> Address:
     if addr is None or (addr.type == "unix" and not addr.socket):
         return Address(type="unix", socket=_default_socket(sess))
     if addr.type == "ip" and addr.port is None:
-        return Address(type="ip", host=addr.host, port=10809)
+        return Address(type="ip", host=addr.host, port=10809, tls=addr.tls)
     return addr
 
 
 def _server_address(server: ServerRecord) -> Address:
-    return Address(type=server.type, socket=server.socket, host=server.host, port=server.port)
+    return Address(type=server.type, socket=server.socket, host=server.host, port=server.port,
+                   tls=bool(server.tls))
 
 
 def _same_address(requested: Address, actual: Address) -> bool:
     """Whether a requested address is the server's; port 0 means "any port"."""
     if requested.type == "ip" and requested.port == 0:
-        requested = Address(type="ip", host=requested.host, port=actual.port)
+        requested = Address(type="ip", host=requested.host, port=actual.port, tls=requested.tls)
     return requested == actual
 
 
@@ -123,11 +124,20 @@ def _bind(sess: Session, addr: Address) -> socket.socket:
             raise errors.AlreadyExists(
                 f"cannot listen on {addr.describe()}: {e.strerror} (address in use?)") from e
     sock.listen(16)
-    if addr.type == "ip" and not ipaddress.ip_address(addr.host.strip("[]")).is_loopback:
-        log.warning("NBD export of domain %s listens on %s:%d WITHOUT encryption or "
-                    "authentication: anyone who can reach it can read the disks",
-                    sess.dom.name(), addr.host, sock.getsockname()[1])
+    warning = exposure_warning(addr, sock.getsockname()[1] if addr.type == "ip" else 0)
+    if warning:
+        log.warning("NBD export of domain %s %s", sess.dom.name(), warning)
     return sock
+
+
+def exposure_warning(addr: Address, port: int) -> Optional[str]:
+    """What to shout when an export is reachable from other hosts without TLS."""
+    if addr.type != "ip" or addr.tls:
+        return None
+    if ipaddress.ip_address(addr.host.strip("[]")).is_loopback:
+        return None
+    return (f"listens on {addr.host}:{port} WITHOUT encryption or authentication: anyone "
+            f"who can reach it can read the disks; use tls='yes' or a unix socket")
 
 
 def start_server(sess: Session, addr: Address) -> None:
@@ -136,6 +146,9 @@ def start_server(sess: Session, addr: Address) -> None:
     server = ServerRecord(state=metadata.CREATING, type=addr.type, fdname=FDNAME,
                           socket=addr.socket, host=addr.host, port=addr.port)
     if addr.type == "unix":
+        if addr.tls:
+            raise errors.InvalidArgument("TLS is for TCP exports; a unix socket is "
+                                         "protected by its file permissions")
         _check_unix_path(sess, addr.socket)
     sess.state.server = server
     sess.save()
@@ -150,7 +163,10 @@ def start_server(sess: Session, addr: Address) -> None:
             blockgraph.getfd(dom, sock.fileno(), FDNAME)
         finally:
             sock.close()
-        blockgraph.nbd_server_start(dom, FDNAME)
+        if addr.tls:
+            server.tls = tls.setup(sess)
+            sess.save()
+        blockgraph.nbd_server_start(dom, FDNAME, server.tls)
         killpoint("export-start:server-started")
         server.state = metadata.READY
         sess.save()
@@ -169,6 +185,8 @@ def stop_server(sess: Session) -> None:
     if _server_may_be_ours(sess):
         blockgraph.nbd_server_stop(sess.dom)
     blockgraph.closefd(sess.dom, server.fdname)
+    if server.tls or server.type == "ip":
+        tls.teardown(sess)
     if server.type == "unix" and server.socket:
         with contextlib.suppress(FileNotFoundError):
             if stat.S_ISSOCK(os.lstat(server.socket).st_mode):

@@ -101,6 +101,7 @@ class ServerRecord:
     socket: Optional[str] = None   # unix
     host: Optional[str] = None     # ip
     port: Optional[int] = None     # ip
+    tls: Optional[str] = None      # id of the tls-creds-x509 object (ip only)
     exports: list[ExportRecord] = dataclasses.field(default_factory=list)
 
 
