@@ -36,6 +36,7 @@ from .faults import killpoint
 from .flags import check_flags
 from .livedisks import LiveDisk, live_disks
 from .metadata import DiskRecord, SnapshotRecord
+from .handle import NamedHandle
 from .session import Session, open_session
 
 log = logging.getLogger(__name__)
@@ -142,10 +143,7 @@ def _read_mirror(sess: Session) -> list[CheckpointDisk]:
 
 def _parse_mirror(text: str) -> list[CheckpointDisk]:
     root = xmlutil.parse(text, "checkpoint metadata")
-    for el in root.iter():
-        if isinstance(el.tag, str):
-            el.tag = etree.QName(el).localname
-    etree.cleanup_namespaces(root)
+    xmlutil.strip_namespaces(root)
     xmlutil.validate(root, "checkpoints", "checkpoint metadata")
     result = []
     for d in root.findall("disk"):
@@ -240,11 +238,7 @@ def sync_mirror(sess: Session, cps: list[Checkpoint]) -> None:
 
 def _same(a: str, b: str) -> bool:
     def canon(t: str) -> bytes:
-        root = etree.fromstring(t.encode())
-        for el in root.iter():
-            if isinstance(el.tag, str):
-                el.tag = etree.QName(el).localname
-        etree.cleanup_namespaces(root)
+        root = xmlutil.strip_namespaces(etree.fromstring(t.encode()))
         return etree.tostring(root, method="c14n")
     try:
         return canon(a) == canon(b)
@@ -359,28 +353,8 @@ def export_bitmap_actions(sess: Session, snap: SnapshotRecord, d: DiskRecord,
 
 # --- public objects --------------------------------------------------------------------
 
-class BlockCheckpoint:
+class BlockCheckpoint(NamedHandle):
     """A checkpoint of a domain (a handle by name)."""
-
-    def __init__(self, dom: libvirt.virDomain, name: str) -> None:
-        self._dom = dom
-        self._name = name
-
-    def __repr__(self) -> str:
-        return f"<BlockCheckpoint {self._name!r} of {self._dom.name()!r}>"
-
-    def __eq__(self, other: object) -> bool:
-        return (isinstance(other, BlockCheckpoint) and other._name == self._name
-                and other._dom.UUIDString() == self._dom.UUIDString())
-
-    def __hash__(self) -> int:
-        return hash(self._name)
-
-    def getName(self) -> str:
-        return self._name
-
-    def getDomain(self) -> libvirt.virDomain:
-        return self._dom
 
     def getXMLDesc(self, flags: int = 0) -> str:
         """<domainblockcheckpoint> with validity and bytes changed since, per disk.

@@ -172,10 +172,7 @@ def dumps(state: State) -> str:
 def loads(text: str) -> State:
     """Parse a state document. Raises InvalidArgument when it is not one."""
     root = xmlutil.parse(text, "libvirt-fleece metadata")
-    for el in root.iter():
-        if isinstance(el.tag, str):
-            el.tag = etree.QName(el).localname
-    etree.cleanup_namespaces(root)
+    xmlutil.strip_namespaces(root)
     xmlutil.validate(root, "metadata", "libvirt-fleece metadata")
     try:
         state = State()

@@ -32,6 +32,7 @@ from .flags import check_flags
 from .livedisks import live_disks
 from .metadata import DiskRecord, SnapshotRecord
 from .pauseguard import PauseGuard
+from .handle import NamedHandle
 from .session import Session, open_session
 
 log = logging.getLogger(__name__)
@@ -43,28 +44,8 @@ _CREATE_FLAGS = VIR_DOMAIN_BLOCK_SNAPSHOT_CREATE_CHECKPOINT
 _DELETE_FLAGS = VIR_DOMAIN_BLOCK_SNAPSHOT_DELETE_STOP_EXPORTS
 
 
-class BlockSnapshot:
+class BlockSnapshot(NamedHandle):
     """A temporary block snapshot of a running domain (a handle by name)."""
-
-    def __init__(self, dom: libvirt.virDomain, name: str) -> None:
-        self._dom = dom
-        self._name = name
-
-    def __repr__(self) -> str:
-        return f"<BlockSnapshot {self._name!r} of {self._dom.name()!r}>"
-
-    def __eq__(self, other: object) -> bool:
-        return (isinstance(other, BlockSnapshot) and other._name == self._name
-                and other._dom.UUIDString() == self._dom.UUIDString())
-
-    def __hash__(self) -> int:
-        return hash(self._name)
-
-    def getName(self) -> str:
-        return self._name
-
-    def getDomain(self) -> libvirt.virDomain:
-        return self._dom
 
     def getXMLDesc(self, flags: int = 0) -> str:
         """The filled-in <domainblocksnapshot>. Raises NotFound once deleted."""

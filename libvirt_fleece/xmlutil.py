@@ -75,3 +75,12 @@ def validate(root: etree._Element, schema: str, what: str) -> None:
 
 def tostring(root: etree._Element) -> str:
     return etree.tostring(root, pretty_print=True, encoding="unicode")
+
+
+def strip_namespaces(root: etree._Element) -> etree._Element:
+    """Drop namespaces in place (libvirt returns metadata with its prefix)."""
+    for el in root.iter():
+        if isinstance(el.tag, str):
+            el.tag = etree.QName(el).localname
+    etree.cleanup_namespaces(root)
+    return root

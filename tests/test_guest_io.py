@@ -12,7 +12,7 @@ import libvirt
 import pytest
 
 import libvirt_fleece as lf
-from vm import GUEST_DIR, MiB, guest_kernel
+from vm import GUEST_DIR, guest_kernel
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
