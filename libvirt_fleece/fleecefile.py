@@ -15,7 +15,6 @@ carries the mark this snapshot wrote; anything else is left alone and logged.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import stat
@@ -110,39 +109,89 @@ def create(path: str, capacity: int, tag: bytes) -> int:
     return fd
 
 
-def is_ours(path: str, tag: bytes) -> bool:
-    """True when ``path`` is a regular file (not a symlink) carrying ``tag``."""
+def _open_regular(dirfd: int, name: str) -> int:
+    """Open ``name`` in ``dirfd`` read-only if it is a regular file (never a device,
+    FIFO or symlink: opening those as root can have effects). Returns -1 otherwise."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        if not stat.S_ISREG(os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_mode):
+            return -1
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     dir_fd=dirfd)
     except OSError:
-        return False
+        return -1
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return -1
+    return fd
+
+
+def _carries(fd: int, tag: bytes) -> bool:
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return False
         return os.getxattr(fd, XATTR) == tag
     except OSError:
         return False
+
+
+def is_ours(path: str, tag: bytes) -> bool:
+    """True when ``path`` is a regular file (not a symlink) carrying ``tag``."""
+    try:
+        dirfd = os.open(os.path.dirname(path) or "/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fd = _open_regular(dirfd, os.path.basename(path))
+        if fd < 0:
+            return False
+        try:
+            return _carries(fd, tag)
+        finally:
+            os.close(fd)
     finally:
-        os.close(fd)
+        os.close(dirfd)
 
 
 def remove(path: str, tag: bytes) -> bool:
     """Unlink ``path`` if it is our fleece image; return whether it was removed.
 
+    The file is opened relative to its directory, proven ours by its mark,
+    and unlinked there only if the name still refers to that very inode.
     A missing file is fine (False); a file that is not provably ours is left
     alone and logged.
     """
-    if not os.path.lexists(path):
-        return False
-    if not is_ours(path, tag):
-        log.warning("not removing %s: it does not carry this snapshot's mark", path)
+    name = os.path.basename(path)
+    try:
+        dirfd = os.open(os.path.dirname(path) or "/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
         return False
     try:
-        os.unlink(path)
-    except OSError as e:
-        if e.errno == errno.ENOENT:
+        try:
+            os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+        except FileNotFoundError:
             return False
-        raise errors.InternalError(f"cannot remove fleece file {path}: {e.strerror}") from e
+        except OSError:
+            pass
+        fd = _open_regular(dirfd, name)
+        if fd < 0 or not _carries(fd, tag):
+            if fd >= 0:
+                os.close(fd)
+            log.warning("not removing %s: it is not a regular file carrying this snapshot's "
+                        "mark", path)
+            return False
+        try:
+            mine = os.fstat(fd)
+            now = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+            if (now.st_dev, now.st_ino) != (mine.st_dev, mine.st_ino):
+                log.warning("not removing %s: it was replaced while being checked", path)
+                return False
+            os.unlink(name, dir_fd=dirfd)
+        except FileNotFoundError:
+            return False
+        except OSError as e:
+            raise errors.InternalError(f"cannot remove fleece file {path}: {e.strerror}") from e
+        finally:
+            os.close(fd)
+    finally:
+        os.close(dirfd)
     log.info("removed fleece image %s", path)
     return True
 

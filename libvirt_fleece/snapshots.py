@@ -75,7 +75,8 @@ class BlockSnapshot(NamedHandle):
                 raise errors.OperationInvalid(
                     f"snapshot {rec.name!r} is exported as "
                     f"{', '.join(repr(e.name) for e in users)}; stop the export first "
-                    f"or delete with VIR_DOMAIN_BLOCK_SNAPSHOT_DELETE_STOP_EXPORTS")
+                    f"or delete with VIR_DOMAIN_BLOCK_SNAPSHOT_DELETE_STOP_EXPORTS "
+                    f"(virsh-fleece blocksnapshot-delete --stop-exports)")
             exports.stop_exports(sess, users, force=True)
             rec.state = metadata.DELETING
             sess.save()

@@ -50,6 +50,15 @@ def translate(e: libvirt.libvirtError, what: str) -> errors.Error:
     return errors.LibvirtError(text, code=code or 0)
 
 
+def check_uri(uri: str) -> None:
+    """Refuse a URI that is not a local QEMU connection. Raises ConnectionError."""
+    parsed = urlparse(uri)
+    if parsed.scheme != "qemu" or parsed.netloc:
+        raise errors.ConnectionError(
+            f"libvirt-fleece works on the host beside libvirtd over a local "
+            f"QEMU connection such as qemu:///system, not {uri!r}")
+
+
 def check_connection(conn: libvirt.virConnect) -> None:
     """Refuse connections the plugin cannot work through.
 
@@ -61,11 +70,7 @@ def check_connection(conn: libvirt.virConnect) -> None:
         uri = conn.getURI()
     except libvirt.libvirtError as e:
         raise translate(e, "cannot query the libvirt connection") from e
-    parsed = urlparse(uri)
-    if parsed.scheme != "qemu" or parsed.netloc:
-        raise errors.ConnectionError(
-            f"libvirt-fleece works on the host beside libvirtd over a local "
-            f"QEMU connection such as qemu:///system, not {uri!r}")
+    check_uri(uri)
     if os.geteuid() != 0:
         raise errors.ConnectionError(
             "libvirt-fleece must run as root (it creates fleece images and "
@@ -147,6 +152,7 @@ def open_connection(uri: str | None = None) -> libvirt.virConnect:
     Raises ConnectionError when libvirt cannot be reached or the URI is unusable.
     """
     uri = uri or os.environ.get("LIBVIRT_DEFAULT_URI") or "qemu:///system"
+    check_uri(uri)
     try:
         conn = libvirt.open(uri)
     except libvirt.libvirtError as e:

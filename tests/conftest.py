@@ -16,19 +16,23 @@ import vm as vmlib  # noqa: E402
 REQUIRE = os.environ.get("LIBVIRT_FLEECE_REQUIRE_LIBVIRT") == "1" or bool(os.environ.get("CI"))
 
 
-@pytest.fixture(scope="session")
+_CONN = []
+
+
+@pytest.fixture
 def conn():
-    """qemu:///system; integration tests FAIL (not skip) when it is missing in CI."""
+    """qemu:///system, reopened after a libvirtd restart (serial tests restart it);
+    integration tests FAIL (not skip) when it is missing in CI."""
     try:
         import libvirt
         libvirt.registerErrorHandler(lambda _c, _e: None, None)
-        c = libvirt.open("qemu:///system")
+        if not _CONN or not _CONN[0].isAlive():
+            _CONN[:] = [libvirt.open("qemu:///system")]
     except Exception as e:  # noqa: BLE001
         if REQUIRE:
             pytest.fail(f"libvirt is required here but unusable: {e}")
         pytest.skip(f"no usable libvirt: {e}")
-    yield c
-    c.close()
+    return _CONN[0]
 
 
 @pytest.fixture

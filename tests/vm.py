@@ -113,6 +113,20 @@ class TestVM:
         if out.strip():
             raise AssertionError(f"guest write failed: {out.strip()}")
 
+    def _remove_fleece_files(self, uuid: Optional[str]) -> None:
+        """Fleece images the plugin left for this domain (the hook does this when installed)."""
+        d = "/var/lib/libvirt/fleece"
+        if not uuid or not os.path.isdir(d):
+            return
+        for f in os.listdir(d):
+            path = os.path.join(d, f)
+            try:
+                tag = os.getxattr(path, "trusted.libvirt-fleece", follow_symlinks=False)
+            except OSError:
+                continue
+            if tag.startswith(uuid.encode() + b"/"):
+                os.unlink(path)
+
     def destroy(self) -> None:
         try:
             dom = self.conn.lookupByName(self.name)
@@ -121,7 +135,13 @@ class TestVM:
             pass
 
     def cleanup(self) -> None:
+        uuid = None
+        try:
+            uuid = self.conn.lookupByName(self.name).UUIDString()
+        except libvirt.libvirtError:
+            pass
         self.destroy()
+        self._remove_fleece_files(uuid)
         if self.persistent:
             try:
                 self.conn.lookupByName(self.name).undefineFlags(
