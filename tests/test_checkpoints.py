@@ -276,3 +276,22 @@ def test_export_from_the_oldest_of_100_checkpoints_starts_fast(make_vm):
     assert dirty_clusters(sock, name, bitmap) == clusters(
         [(0, i * MiB // 2, 4096) for i in range(0, 100, 10)])
     delete_everything(t.dom)
+
+
+def test_undefined_and_redefined_domain_gets_its_checkpoints_back(conn, make_vm):
+    t = make_vm(disks=1, persistent=True)
+    snap(t.dom, "u1").delete()
+    w = writes(t, [(8, 3 * MiB, MiB)])
+    original = t.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    t.destroy()
+    t.dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
+    from vm import domain_xml
+    t.dom = conn.defineXML(domain_xml(t.name, t.disks))     # the XML it was made from
+    assert "fleececp" not in t.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    assert "fleececp" in original
+    t.dom.create()
+    assert names(t.dom) == ["u1"]
+    assert "<valid>yes</valid>" in lf.blockCheckpointLookupByName(t.dom, "u1").getXMLDesc()
+    snap(t.dom, "s", flags=0)
+    assert changed(t.dom, "s", "u1") == clusters(w)
+    delete_everything(t.dom)
