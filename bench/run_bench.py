@@ -68,7 +68,8 @@ def timed(fn, *args, **kwargs) -> float:
 def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     r = subprocess.run(cmd, capture_output=True, text=True, **kw)
     if r.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr[-2000:]}{r.stdout[-1500:]}")
+        raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}): "
+                           f"{r.stderr[-2000:]}{r.stdout[-1500:]}")
     return r
 
 
@@ -304,6 +305,7 @@ def main() -> int:
                    help="where backups and scratch files go (default /var/tmp)")
     args = p.parse_args()
     size = SIZES["smoke" if args.smoke else "full"]
+    load = " ".join(open("/proc/loadavg").read().split()[:3])
     libvirt.registerErrorHandler(lambda _c, _e: None, None)
     conn = libvirt.open("qemu:///system")
     work = tempfile.mkdtemp(prefix="fleece-bench-", dir=args.workdir)
@@ -319,7 +321,9 @@ def main() -> int:
         b.cleanup()
         shutil.rmtree(work, ignore_errors=True)
     print(f"machine: {machine()}")
-    print(f"run: {'smoke' if args.smoke else 'full'}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    print(f"run: {'smoke' if args.smoke else 'full'}, "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average before: "
+          f"{load}")
     print(b.table())
     return 0
 

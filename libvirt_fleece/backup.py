@@ -325,11 +325,17 @@ def _run(dom: libvirt.virDomain, directory: str, manifest: Manifest, disks: list
                 journal.save(directory)
         exports.start(dom, _export_xml(sock, name, disks, base))
         bitmaps = _bitmaps(dom, name) if base is not None else {}
+        t_setup = time.monotonic()
         entries = _copy_all(directory, disks, index, base, sock, bitmaps, progress,
                             in_flight, request_size)
+        t_copy = time.monotonic()
         _teardown(dom, name)
+        t_down = time.monotonic()
         for e in entries:       # checksums after the teardown: the guest runs unburdened
             e.sha256 = mf.sha256_file(os.path.join(directory, e.file + ".part"))
+        log.debug("backup %s: set-up %.2f s, copy %.2f s, teardown %.2f s, sha256 %.2f s",
+                  name, t_setup - started, t_copy - t_setup, t_down - t_copy,
+                  time.monotonic() - t_down)
         point = Point(index=index, time=when, mode=mode, checkpoint=name, disks=entries,
                       reason=reason, duration=round(time.monotonic() - started, 3))
         manifest.points.append(point)

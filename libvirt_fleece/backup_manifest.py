@@ -191,16 +191,41 @@ def save(directory: str, manifest: Manifest) -> None:
     write_json_atomic(directory, MANIFEST, manifest.to_json())
 
 
-def sha256_file(path: str, chunk: int = 4 << 20) -> str:
+def sha256_file(path: str, chunk: int = 8 << 20) -> str:
+    """SHA-256 of a file; reading (a thread) overlaps hashing (hashlib drops the GIL)."""
+    import queue
+    import threading
     h = hashlib.sha256()
-    buf = bytearray(chunk)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while True:
-            n = f.readinto(buf)
-            if not n:
-                break
-            h.update(view[:n])
+    full: "queue.Queue" = queue.Queue(maxsize=2)
+    free: "queue.Queue" = queue.Queue()
+    for _ in range(3):
+        free.put(bytearray(chunk))
+    failure: list = []
+
+    def reader() -> None:
+        try:
+            with open(path, "rb", buffering=0) as f:
+                while True:
+                    buf = free.get()
+                    n = f.readinto(buf)
+                    full.put((buf, n))
+                    if not n:
+                        return
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            failure.append(e)
+            full.put((None, 0))
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    while True:
+        buf, n = full.get()
+        if not n:
+            break
+        h.update(memoryview(buf)[:n])
+        free.put(buf)
+    t.join()
+    if failure:
+        raise failure[0]
     return h.hexdigest()
 
 

@@ -152,7 +152,13 @@ class Env:
 
 
 @pytest.fixture(scope="module")
-def env(conn):
+def env():
+    # its own connection: the module outlives any function-scoped one
+    try:
+        libvirt.registerErrorHandler(lambda _c, _e: None, None)
+        conn = libvirt.open("qemu:///system")
+    except libvirt.libvirtError as e:
+        pytest.fail(f"libvirt is required here but unusable: {e}")
     listener = Listener()
     other = TestVM(conn, disks=1, tag="hostile-other-")
     target = TestVM(conn, disks=2, cdrom=True, tag="hostile-")
@@ -186,6 +192,7 @@ def env(conn):
         target.cleanup()
         other.cleanup()
         listener.close()
+        conn.close()
         os.makedirs(os.path.dirname(REPORT), exist_ok=True)
         channels = {ch: {"tried": TRIED[ch], "refused_cleanly": REFUSED[ch],
                          "known_bugs": sorted(XFAILED.get(ch, []))} for ch in sorted(TRIED)}

@@ -17,7 +17,8 @@
 #   FLEECE_GUEST_FORCE=1      rebuild even if outputs are up to date
 #
 # Guest behaviour is chosen on the kernel command line, see README.md:
-#   fleece.mode=counter | poweroff | idle (default)
+#   fleece.mode=counter | poweroff | poweroff-after | idle (default)
+#   fleece.delay=SECONDS   (poweroff-after: seconds after boot before powering off; default 5)
 set -euo pipefail
 umask 022
 
@@ -161,9 +162,14 @@ for m in $(cat /lib/modules/load-order); do
 done
 
 mode=idle
+delay=5
 for w in $(cat /proc/cmdline); do
-    case $w in fleece.mode=*) mode=${w#fleece.mode=} ;; esac
+    case $w in
+    fleece.mode=*) mode=${w#fleece.mode=} ;;
+    fleece.delay=*) delay=${w#fleece.delay=} ;;
+    esac
 done
+case $delay in ''|*[!0-9]*) log "bad fleece.delay=$delay, using 5"; delay=5 ;; esac
 
 disks() {  # whole virtio disks, vda..vdz then vdaa.., in order
     for d in /dev/vd[a-z] /dev/vd[a-z][a-z]; do
@@ -207,6 +213,15 @@ counter)
     ;;
 poweroff)
     log "poweroff"
+    sync
+    poweroff -f
+    idle
+    ;;
+poweroff-after)
+    # a guest that shuts itself down from inside while the host works on it
+    log "poweroff-after: powering off in ${delay}s"
+    sleep "$delay"
+    log "poweroff-after: poweroff now uptime=$(cut -d' ' -f1 /proc/uptime)s"
     sync
     poweroff -f
     idle
