@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import time
 from typing import Callable, Optional, Sequence
 from urllib.parse import quote
 
 from lxml import etree
+
+from . import errors
 
 SNAPSHOT_DISK_KEYS = ("fleece",)
 EXPORT_START_DISK_KEYS = ("snapshot", "exportname", "checkpoint")
@@ -95,10 +98,23 @@ def _tostring(root: etree._Element) -> str:
     return etree.tostring(root, pretty_print=True, encoding="unicode")
 
 
+def _xml_safe(build: Callable[..., str]) -> Callable[..., str]:
+    """Turn lxml's refusal of control characters into a clear InvalidArgument."""
+    @functools.wraps(build)
+    def wrapper(*args, **kwargs) -> str:
+        try:
+            return build(*args, **kwargs)
+        except ValueError as e:
+            raise errors.InvalidArgument(
+                f"a name or path contains characters XML cannot carry ({e})") from None
+    return wrapper
+
+
+@_xml_safe
 def snapshot_xml(name: Optional[str], disks: Sequence[DiskSpec]) -> str:
     """A <domainblocksnapshot> request (no disks: all disks that can be snapshotted)."""
     root = etree.Element("domainblocksnapshot")
-    if name:
+    if name is not None:
         etree.SubElement(root, "name").text = name
     for d in disks:
         el = etree.SubElement(root, "disk", name=d.name)
@@ -107,6 +123,7 @@ def snapshot_xml(name: Optional[str], disks: Sequence[DiskSpec]) -> str:
     return _tostring(root)
 
 
+@_xml_safe
 def export_xml(disks: Sequence[DiskSpec], socket: Optional[str] = None,
                host: Optional[str] = None, port: Optional[int] = None) -> str:
     """A <domainblockexport type='nbd'> request; no socket and no host: the default socket."""

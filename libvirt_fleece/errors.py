@@ -28,12 +28,17 @@ class Error(Exception):
     """
 
     msg = "{reason}"
+    MAX_MESSAGE = 1000          # hostile input is quoted in messages: keep them readable
 
     def __init__(self, reason: str = "", **fields: Any) -> None:
         self.reason = reason
         for key, value in fields.items():
             setattr(self, key, value)
-        super().__init__(self.msg.format(self=self, reason=reason, **fields))
+        text = self.msg.format(self=self, reason=reason, **fields)
+        if len(text) > self.MAX_MESSAGE:      # keep the head and the advice at the end
+            half = self.MAX_MESSAGE // 2
+            text = f"{text[:half]}...({len(text) - 2 * half} characters left out)...{text[-half:]}"
+        super().__init__(text)
 
 
 class InvalidArgument(Error):

@@ -76,6 +76,8 @@ def _check_unix_path(sess: Session, path: str) -> None:
         st = os.lstat(path)
     except FileNotFoundError:
         return
+    except OSError as e:
+        raise errors.InvalidArgument(f"socket path {path!r} is not usable: {e.strerror}") from e
     ours = os.path.dirname(path) == sess.cfg.socket_dir and path.endswith(".sock")
     if ours and stat.S_ISSOCK(st.st_mode) and not _socket_alive(path):
         log.warning("removing stale socket %s", path)

@@ -66,13 +66,8 @@ def check_path(path: str) -> None:
         f"choose another path or remove it yourself")
 
 
-def create(path: str, capacity: int, tag: bytes) -> int:
-    """Create a qcow2 fleece image of ``capacity`` bytes at ``path``; return an O_RDWR fd.
-
-    Raises AlreadyExists when ``path`` exists, InvalidArgument when it cannot
-    be created there (the message says why), InternalError when qemu-img fails.
-    """
-    check_path(path)
+def _anonymous(path: str, tag: bytes) -> int:
+    """An unnamed, marked file in the directory of ``path`` (gone if we die)."""
     parent = os.path.dirname(path)
     try:
         fd = os.open(parent, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
@@ -81,32 +76,71 @@ def create(path: str, capacity: int, tag: bytes) -> int:
             f"cannot create fleece file in {parent}: {e.strerror} (the directory's "
             f"filesystem must support O_TMPFILE and root must be able to write there)") from e
     try:
-        try:
-            os.setxattr(fd, XATTR, tag)
-        except OSError as e:
-            raise errors.InvalidArgument(
-                f"cannot mark fleece file in {parent}: {e.strerror} (the filesystem "
-                f"must support trusted.* extended attributes)") from e
-        proc = subprocess.run(
-            ["qemu-img", "create", "-q", "-f", "qcow2", f"/dev/fd/{fd}", str(capacity)],
-            pass_fds=[fd], capture_output=True, text=True, stdin=subprocess.DEVNULL)
-        if proc.returncode != 0:
-            raise errors.InternalError(f"qemu-img create failed: {proc.stderr.strip()}")
-        dirfd = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.link(str(fd), path, src_dir_fd=dirfd, follow_symlinks=True)
-        except FileExistsError as e:
-            raise errors.AlreadyExists(
-                f"fleece file {path!r} appeared while it was being created; not overwritten") from e
-        except OSError as e:
-            raise errors.InvalidArgument(f"cannot create fleece file {path!r}: {e.strerror}") from e
-        finally:
-            os.close(dirfd)
-    except BaseException:
+        os.setxattr(fd, XATTR, tag)
+    except OSError as e:
         os.close(fd)
-        raise
-    log.info("created fleece image %s (%d bytes)", path, capacity)
+        raise errors.InvalidArgument(
+            f"cannot mark fleece file in {parent}: {e.strerror} (the filesystem "
+            f"must support trusted.* extended attributes)") from e
     return fd
+
+
+def _format_qcow2(jobs: list[tuple[int, int]]) -> None:
+    """Run qemu-img create on every (fd, capacity) at once. Raises InternalError."""
+    procs = [subprocess.Popen(
+        ["qemu-img", "create", "-q", "-f", "qcow2", f"/dev/fd/{fd}", str(capacity)],
+        pass_fds=[fd], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True) for fd, capacity in jobs]
+    failures = [p.communicate()[1].strip() for p in procs]
+    failed = [err for p, err in zip(procs, failures) if p.returncode != 0]
+    if failed:
+        raise errors.InternalError(f"qemu-img create failed: {failed[0]}")
+
+
+def _link(fd: int, path: str) -> None:
+    dirfd = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.link(str(fd), path, src_dir_fd=dirfd, follow_symlinks=True)
+    except FileExistsError as e:
+        raise errors.AlreadyExists(
+            f"fleece file {path!r} appeared while it was being created; not overwritten") from e
+    except OSError as e:
+        raise errors.InvalidArgument(f"cannot create fleece file {path!r}: {e.strerror}") from e
+    finally:
+        os.close(dirfd)
+
+
+def create_many(files: list[tuple[str, int, bytes]]) -> list[int]:
+    """Create qcow2 fleece images (path, capacity, tag) at once; return O_RDWR fds.
+
+    All or nothing: on failure the ones already linked are removed again.
+    Raises AlreadyExists when a path exists, InvalidArgument when it cannot be
+    created there (the message says why), InternalError when qemu-img fails.
+    """
+    for path, _capacity, _tag in files:
+        check_path(path)
+    fds: list[int] = []
+    linked: list[tuple[str, bytes]] = []
+    try:
+        for path, _capacity, tag in files:
+            fds.append(_anonymous(path, tag))
+        _format_qcow2([(fd, capacity) for fd, (_p, capacity, _t) in zip(fds, files)])
+        for fd, (path, capacity, tag) in zip(fds, files):
+            _link(fd, path)
+            linked.append((path, tag))
+            log.info("created fleece image %s (%d bytes)", path, capacity)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        for path, tag in linked:
+            remove(path, tag)
+        raise
+    return fds
+
+
+def create(path: str, capacity: int, tag: bytes) -> int:
+    """Create one qcow2 fleece image; see :func:`create_many`."""
+    return create_many([(path, capacity, tag)])[0]
 
 
 def _open_regular(dirfd: int, name: str) -> int:

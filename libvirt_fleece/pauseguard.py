@@ -21,16 +21,34 @@ import time
 log = logging.getLogger(__name__)
 
 
+def marker_path(state_dir: str, domain_uuid: str) -> str:
+    """A file that exists while a plugin process has the guest paused: if the next
+    call finds it (the process died and the guard could not resume), it resumes."""
+    return os.path.join(state_dir, f"{domain_uuid}.paused")
+
+
+_marker_dirs: dict[str, str] = {}
+
+
+def remove_marker_for(domain_uuid: str) -> None:
+    path = _marker_dirs.get(domain_uuid)
+    if path:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
 class PauseGuard:
     """Context manager around the short pause: ``with PauseGuard(dom, t) as g: ...``."""
 
-    def __init__(self, uri: str, domain_uuid: str, timeout: float) -> None:
+    def __init__(self, uri: str, domain_uuid: str, timeout: float, marker: str) -> None:
         env = dict(os.environ)
         here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [here, env.get("PYTHONPATH")]))
         self._proc = subprocess.Popen(
             [sys.executable, "-c", "import sys; from libvirt_fleece import pauseguard; "
-             "sys.exit(pauseguard.main(sys.argv[1:]))", uri, domain_uuid, str(timeout)],
+             "sys.exit(pauseguard.main(sys.argv[1:]))", uri, domain_uuid, str(timeout), marker],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True, close_fds=True, env=env)
 
@@ -48,14 +66,11 @@ class PauseGuard:
         self._say("resumed")
 
     def close(self) -> None:
+        """Let the guard go: it exits on EOF (not waited for; subprocess reaps it)."""
         try:
             self._proc.stdin.close()
         except OSError:
             pass
-        try:
-            self._proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            log.warning("pause guard did not exit")
 
     def __enter__(self) -> "PauseGuard":
         return self
@@ -81,19 +96,46 @@ def _read_words(fd: int, timeout: float):
             yield line.decode(errors="replace").strip()
 
 
-def _resume(uri: str, domain_uuid: str) -> None:
+RESUME_PATIENCE = 60.0      # seconds to keep trying (libvirtd may be restarting)
+
+
+def _resume_once(uri: str, domain_uuid: str) -> bool:
+    """True when the domain runs (resumed now or already) or is gone."""
     import libvirt
     libvirt.registerErrorHandler(lambda _c, _e: None, None)
     conn = libvirt.open(uri)
-    dom = conn.lookupByUUIDString(domain_uuid)
+    try:
+        dom = conn.lookupByUUIDString(domain_uuid)
+    except libvirt.libvirtError as e:
+        if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            return True
+        raise
     state, reason = dom.state()
     if state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_USER:
         dom.resume()
         log.warning("resumed domain %s left paused by a libvirt-fleece process", dom.name())
+    conn.close()
+    return True
+
+
+def _resume(uri: str, domain_uuid: str) -> None:
+    """Resume, retrying while libvirtd is unreachable (a restart), up to RESUME_PATIENCE."""
+    deadline = time.monotonic() + RESUME_PATIENCE
+    while True:
+        try:
+            if _resume_once(uri, domain_uuid):
+                remove_marker_for(domain_uuid)
+                return
+        except Exception:  # noqa: BLE001 - libvirtd restarting: try again
+            if time.monotonic() >= deadline:
+                raise
+        time.sleep(0.2)
 
 
 def main(argv: list[str]) -> int:
     uri, domain_uuid, timeout = argv[0], argv[1], float(argv[2])
+    if len(argv) > 3:
+        _marker_dirs[domain_uuid] = argv[3]
     paused = False
     paused_at = 0.0
     for word in _read_words(0, 0.1):

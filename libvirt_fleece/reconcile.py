@@ -11,8 +11,10 @@ removed, and a server left without exports is stopped.
 from __future__ import annotations
 
 import logging
+import os
 
-from . import bitmaps, checkpoints, exports, health, metadata, orphans, snapshots
+from . import (bitmaps, checkpoints, exports, health, metadata, orphans, pauseguard, snapshots,
+               virt)
 from .session import Session
 
 log = logging.getLogger(__name__)
@@ -23,6 +25,7 @@ def finish_interrupted(sess: Session) -> list[str]:
     changed, and rebuild the checkpoint list. Returns what was repaired."""
     state = sess.state
     changed = sess.repaired
+    _resume_if_left_paused(sess)
     server = state.server
     if server is not None:
         for exp in [e for e in server.exports if e.state in metadata.IN_PROGRESS]:
@@ -48,6 +51,21 @@ def finish_interrupted(sess: Session) -> list[str]:
     _remove_orphan_bitmaps(sess)
     checkpoints.reconcile(sess)
     return done
+
+
+def _resume_if_left_paused(sess: Session) -> None:
+    """A plugin process died with the guest paused and its guard could not resume it
+    (libvirtd was restarting, say): the marker it left says so. Resume."""
+    import libvirt
+    marker = pauseguard.marker_path(sess.cfg.state_dir, sess.uuid)
+    if not os.path.exists(marker):
+        return
+    state, reason = sess.dom.state()
+    if state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_USER:
+        log.warning("domain %s: resuming the guest a dead libvirt-fleece call left paused",
+                    sess.dom.name())
+        virt.resume(sess.dom)
+    os.unlink(marker)
 
 
 def _remove_orphan_bitmaps(sess: Session) -> None:

@@ -31,6 +31,7 @@ from .faults import killpoint
 from .flags import check_flags
 from .livedisks import live_disks
 from .metadata import DiskRecord, SnapshotRecord
+from . import pauseguard
 from .pauseguard import PauseGuard
 from .handle import NamedHandle
 from .session import Session, open_session
@@ -195,7 +196,10 @@ def _insert_filters(sess: Session, rec: SnapshotRecord, actions: list[dict]) -> 
         _switch(sess, rec, actions)
         return
     limit = sess.cfg.pause_guard_timeout
-    with PauseGuard(dom.connect().getURI(), sess.uuid, limit) as guard:
+    marker = pauseguard.marker_path(sess.cfg.state_dir, sess.uuid)
+    with PauseGuard(dom.connect().getURI(), sess.uuid, limit, marker) as guard:
+        with open(marker, "w"):
+            pass
         virt.suspend(dom)
         guard.paused()
         started = time.monotonic()
@@ -205,6 +209,7 @@ def _insert_filters(sess: Session, rec: SnapshotRecord, actions: list[dict]) -> 
         finally:
             virt.resume(dom)
             guard.resumed()
+            os.unlink(marker)
         paused = time.monotonic() - started
     log.debug("domain %s: guest paused %.1f ms for snapshot %s",
               dom.name(), paused * 1000, rec.name)
@@ -216,14 +221,18 @@ def _insert_filters(sess: Session, rec: SnapshotRecord, actions: list[dict]) -> 
 
 def _build(sess: Session, rec: SnapshotRecord, actions: list[dict]) -> None:
     dom = sess.dom
-    for d in rec.disks:
-        fd = fleecefile.create(d.file, d.capacity, fleecefile.owner_tag(sess.uuid, rec.id, d.name))
-        killpoint("snapshot-create:file-created")
-        try:
+    fds = fleecefile.create_many([(d.file, d.capacity,
+                                   fleecefile.owner_tag(sess.uuid, rec.id, d.name))
+                                  for d in rec.disks])
+    killpoint("snapshot-create:file-created")
+    try:
+        for d, fd in zip(rec.disks, fds):
             blockgraph.add_fd(dom, fd, d.fdset, f"libvirt-fleece {rec.name} {d.name}")
-        finally:
+    finally:
+        for fd in fds:
             os.close(fd)
-        killpoint("snapshot-create:fd-added")
+    killpoint("snapshot-create:fd-added")
+    for d in rec.disks:
         blockgraph.add_fleece_node(dom, d.fleece_node, d.fdset)
         killpoint("snapshot-create:fleece-node-added")
         blockgraph.add_filter(dom, d.filter_node, d.below, d.fleece_node)

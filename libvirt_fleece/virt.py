@@ -134,7 +134,7 @@ def lookup_domain(conn: libvirt.virConnect, ident: str) -> libvirt.virDomain:
     Raises NotFound when no domain matches.
     """
     lookups = [conn.lookupByName]
-    if ident.isdigit():
+    if ident.isdigit() and int(ident) < 2 ** 31:
         lookups.insert(0, lambda i: conn.lookupByID(int(i)))
     if len(ident) == 36 and ident.count("-") == 4:
         lookups.insert(0, conn.lookupByUUIDString)

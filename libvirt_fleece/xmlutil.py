@@ -23,6 +23,11 @@ _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=Fals
                           remove_pis=True)
 
 
+# For documents printed back (the hook's migrate filter): comments and PIs stay.
+_PARSER_KEEP = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False,
+                               dtd_validation=False, huge_tree=False)
+
+
 def schema_dir() -> str:
     """Where the RelaxNG schemas live (source tree, or installed data files)."""
     here = os.path.dirname(os.path.abspath(__file__))
@@ -39,8 +44,13 @@ def _schema(name: str) -> etree.RelaxNG:
     return etree.RelaxNG(etree.parse(path, _PARSER))
 
 
-def parse(text: object, what: str) -> etree._Element:
-    """Parse an untrusted document. Raises InvalidArgument."""
+def parse(text: object, what: str, max_size: int = MAX_DOCUMENT,
+          keep_comments: bool = False) -> etree._Element:
+    """Parse an untrusted document. Raises InvalidArgument.
+
+    Only UTF-8, no DOCTYPE (checked in the text and again in what libxml2
+    parsed, so a declared UTF-7 cannot hide one), no entities, nothing fetched.
+    """
     if isinstance(text, bytes):
         try:
             text = text.decode("utf-8")
@@ -48,18 +58,28 @@ def parse(text: object, what: str) -> etree._Element:
             raise errors.InvalidArgument(f"{what}: not UTF-8 text") from e
     if not isinstance(text, str):
         raise errors.InvalidArgument(f"{what}: expected an XML string, got {type(text).__name__}")
-    if len(text) > MAX_DOCUMENT:
-        raise errors.InvalidArgument(f"{what}: document larger than {MAX_DOCUMENT} bytes")
+    if len(text) > max_size:
+        raise errors.InvalidArgument(f"{what}: document larger than {max_size} bytes")
     if "\0" in text:
         raise errors.InvalidArgument(f"{what}: document contains a NUL character")
     if "<!DOCTYPE" in text or "<!ENTITY" in text:
         raise errors.InvalidArgument(f"{what}: DOCTYPE and entity declarations are not allowed")
     try:
-        root = etree.fromstring(text.encode("utf-8"), _PARSER)
-    except etree.XMLSyntaxError as e:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise errors.InvalidArgument(f"{what}: text with invalid characters (lone surrogates)") from e
+    try:
+        root = etree.fromstring(data, _PARSER_KEEP if keep_comments else _PARSER)
+    except (etree.XMLSyntaxError, ValueError) as e:
         raise errors.InvalidArgument(f"{what}: malformed XML: {e}") from e
     if root is None:
         raise errors.InvalidArgument(f"{what}: empty document")
+    info = root.getroottree().docinfo
+    if info.doctype or info.internalDTD is not None or info.externalDTD is not None:
+        raise errors.InvalidArgument(f"{what}: DOCTYPE and entity declarations are not allowed")
+    if (info.encoding or "UTF-8").upper().replace("_", "-") not in ("UTF-8", "UTF8"):
+        raise errors.InvalidArgument(f"{what}: only UTF-8 documents are accepted, "
+                                     f"not {info.encoding}")
     return root
 
 

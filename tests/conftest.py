@@ -16,23 +16,32 @@ import vm as vmlib  # noqa: E402
 REQUIRE = os.environ.get("LIBVIRT_FLEECE_REQUIRE_LIBVIRT") == "1" or bool(os.environ.get("CI"))
 
 
-_CONN = []
+class LiveConnection:
+    """A qemu:///system connection that reopens itself after a libvirtd restart
+    (the serial tier restarts libvirtd; module-scoped fixtures share this)."""
 
-
-@pytest.fixture
-def conn():
-    """qemu:///system, reopened after a libvirtd restart (serial tests restart it);
-    integration tests FAIL (not skip) when it is missing in CI."""
-    try:
+    def __init__(self) -> None:
         import libvirt
         libvirt.registerErrorHandler(lambda _c, _e: None, None)
-        if not _CONN or not _CONN[0].isAlive():
-            _CONN[:] = [libvirt.open("qemu:///system")]
+        self._conn = libvirt.open("qemu:///system")
+
+    def __getattr__(self, name):
+        import libvirt
+        if not self._conn.isAlive():
+            self._conn = libvirt.open("qemu:///system")
+        return getattr(self._conn, name)
+
+
+@pytest.fixture(scope="session")
+def conn():
+    """qemu:///system; integration tests FAIL (not skip) when it is missing in CI."""
+    try:
+        c = LiveConnection()
     except Exception as e:  # noqa: BLE001
         if REQUIRE:
             pytest.fail(f"libvirt is required here but unusable: {e}")
         pytest.skip(f"no usable libvirt: {e}")
-    return _CONN[0]
+    return c
 
 
 @pytest.fixture
