@@ -223,6 +223,14 @@ def cmd_blockcheckpoint_delete(ctx: Context, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_repair(ctx: Context, args: argparse.Namespace) -> int:
+    report = fleece.repair(ctx.domain(args.domain))
+    for line in report:
+        ctx.say(line)
+    ctx.say("Nothing to repair" if not report else f"Repaired: {len(report)} item(s)")
+    return 0
+
+
 def cmd_demo(ctx: Context, args: argparse.Namespace) -> int:
     from . import demo
     return demo.run(ctx.conn, keep=args.keep)
@@ -428,6 +436,15 @@ def _add_checkpoint_commands(sub) -> None:
     p.add_argument("name", metavar="NAME", help="checkpoint name")
 
 
+def _add_repair_command(sub) -> None:
+    p = _add(sub, "repair", cmd_repair,
+             "make the plugin's record and qemu agree: finish interrupted calls, remove "
+             "orphans, rebuild checkpoints", """\
+  virsh-fleece repair web1
+""")
+    _domain(p)
+
+
 def _add_demo_command(sub) -> None:
     p = _add(sub, "demo", cmd_demo,
              "snapshot, export and copy a throwaway domain's disk, and verify the copy", """\
@@ -456,6 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_snapshot_commands(sub)
     _add_export_commands(sub)
     _add_checkpoint_commands(sub)
+    _add_repair_command(sub)
     _add_demo_command(sub)
     cli_hook.register(sub, _add, _domain)
     cli_backup.register(sub, _add, _domain)

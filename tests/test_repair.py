@@ -98,3 +98,18 @@ def test_metadata_copied_from_another_domain_is_not_trusted(make_vm):
     assert all(os.path.exists(f) for f in files_a), "a's files are a's"
     assert [s.getName() for s in lf.blockSnapshotList(a.dom)] == ["s"]
     lf.blockSnapshotLookupByName(a.dom, "s").delete(lf.VIR_DOMAIN_BLOCK_SNAPSHOT_DELETE_STOP_EXPORTS)
+
+
+def test_cli_repair_reports_what_it_did(vm):
+    import subprocess
+    import sys
+    files = live_snapshot(vm)
+    set_state(vm.dom, None)
+    out = subprocess.run([sys.executable, "-m", "libvirt_fleece.cli", "repair", vm.name],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "orphaned node" in out.stdout and "Repaired:" in out.stdout
+    assert not any(os.path.exists(f) for f in files)
+    out = subprocess.run([sys.executable, "-m", "libvirt_fleece.cli", "repair", vm.name],
+                         capture_output=True, text=True)
+    assert out.stdout.strip() == "Nothing to repair"
