@@ -33,19 +33,23 @@ def main(argv):
         lf.blockExportStart(dom, argv[2])
     elif op == "export-stop":
         lf.blockExportStop(dom, argv[2])
-    elif op == "loop":
-        # create, export, stop, delete snapshots until the time is up; count outcomes
+    elif op in ("loop", "loop-cp"):
+        # create, export, stop, delete snapshots (loop-cp: each with a checkpoint, exported
+        # with the previous one, which is then deleted) until the time is up; count outcomes
         deadline = time.monotonic() + float(argv[2])
         prefix = argv[3]
-        ok, failed, i = 0, {}, 0
+        with_cp = op == "loop-cp"
+        ok, failed, i, prev = 0, {}, 0, None
         while time.monotonic() < deadline:
             name = f"{prefix}-{i}"
             i += 1
             try:
                 snap = lf.blockSnapshotCreateXML(
-                    dom, f"<domainblocksnapshot><name>{name}</name></domainblocksnapshot>")
+                    dom, f"<domainblocksnapshot><name>{name}</name></domainblocksnapshot>",
+                    lf.VIR_DOMAIN_BLOCK_SNAPSHOT_CREATE_CHECKPOINT if with_cp else 0)
+                cp = f" checkpoint='{prev}'" if with_cp and prev else ""
                 lf.blockExportStart(dom, f"<domainblockexport type='nbd'><disk name='vda' "
-                                         f"snapshot='{name}'/></domainblockexport>")
+                                         f"snapshot='{name}'{cp}/></domainblockexport>")
                 lf.blockExportStop(dom, f"<domainblockexport type='nbd'><disk name='vda' "
                                         f"snapshot='{name}'/></domainblockexport>")
                 while True:
@@ -58,10 +62,16 @@ def main(argv):
                             raise
                         failed["delete-order (retried)"] = failed.get("delete-order (retried)", 0) + 1
                         time.sleep(0.05)
+                if with_cp:
+                    if prev:
+                        lf.blockCheckpointLookupByName(dom, prev).delete()
+                    prev = name
                 ok += 1
             except lf.Error as e:
                 failed[type(e).__name__] = failed.get(type(e).__name__, 0) + 1
                 print(f"{name}: {e}", file=sys.stderr)
+        if prev:
+            lf.blockCheckpointLookupByName(dom, prev).delete()
         print(f"{ok} {sum(failed.values())} {failed}")
     else:
         raise SystemExit(f"unknown op {op}")

@@ -159,6 +159,39 @@ def test_concurrent_processes_lose_nothing_and_leak_nothing(make_vm):
     assert fleece_files(t) == []
 
 
+def test_eight_processes_with_checkpoints_on_two_domains(make_vm):
+    """4 processes per domain, 2 domains: snapshots with checkpoints, incremental
+    exports, deletes of snapshots and checkpoints. Figures go to tests/.reliability/."""
+    import json
+    vms = [make_vm(disks=1), make_vm(disks=1)]
+    seconds = 10
+    procs = [(t, subprocess.Popen([sys.executable, os.path.join(HERE, "apicall.py"), t.name,
+                                   "loop-cp", str(seconds), f"q{i}"], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True))
+             for t in vms for i in range(4)]
+    cycles, kinds = 0, {}
+    for _t, p in procs:
+        out, err = p.communicate(timeout=180)
+        assert p.returncode == 0, err
+        ok, _n, failed = out.strip().split(" ", 2)
+        cycles += int(ok)
+        for k, v in eval(failed).items():
+            kinds[k] = kinds.get(k, 0) + v
+    assert set(kinds) <= {"delete-order (retried)"}, kinds
+    assert cycles >= 8
+    for t in vms:
+        assert lf.blockSnapshotList(t.dom) == [] and lf.blockExportList(t.dom) == []
+        assert lf.blockCheckpointList(t.dom) == []
+        assert plugin_leftovers(t.dom) == {}
+        assert not [b for bs in bitmaps.by_node(t.dom).values() for b in bs]
+        assert fleece_files(t) == []
+    os.makedirs(os.path.join(HERE, ".reliability"), exist_ok=True)
+    with open(os.path.join(HERE, ".reliability", "concurrency-checkpoints.json"), "w") as f:
+        json.dump({"domains": 2, "processes": 8, "seconds": seconds, "cycles_ok": cycles,
+                   "operations_ok": cycles * 5, "failures_by_kind": kinds,
+                   "left": "nothing"}, f, indent=2)
+
+
 def test_concurrent_creates_keep_every_record(make_vm):
     t = make_vm(disks=1)
     procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "apicall.py"), t.name, "create",
