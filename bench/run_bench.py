@@ -48,10 +48,12 @@ SIZES = {
     #        data written to sparse disks, guest write volume, latency repeats)
     "full": dict(data=2 * GiB, disk=8 * GiB, scattered=64 * MiB, chunk=64 * 1024,
                  sparse_small=16 * GiB, sparse_huge=1 << 40, sparse_data=256 * MiB,
-                 sparse_chunk=MiB, guest_write=512 * MiB, repeats=3, disks=(1, 4, 16)),
+                 sparse_chunk=MiB, guest_write=512 * MiB, repeats=3, disks=(1, 4, 16),
+                 checkpoints=100),
     "smoke": dict(data=64 * MiB, disk=256 * MiB, scattered=4 * MiB, chunk=64 * 1024,
                   sparse_small=1 * GiB, sparse_huge=64 * GiB, sparse_data=8 * MiB,
-                  sparse_chunk=MiB, guest_write=16 * MiB, repeats=1, disks=(1, 4)),
+                  sparse_chunk=MiB, guest_write=16 * MiB, repeats=1, disks=(1, 4),
+                  checkpoints=10),
 }
 
 
@@ -256,6 +258,36 @@ class Bench:
                      f"{b / c:.2f}x backupBegin")
             self.row(f"4. set-up, {n} disk(s): libvirt backupBegin (pull)", f"{c:.0f} ms")
 
+    # --- 6 ----------------------------------------------------------------------------
+    def checkpoint_cost(self) -> None:
+        """Snapshot with vs without a checkpoint; export from the oldest of N checkpoints."""
+        dev = "vdd"
+        xml = f"<domainblocksnapshot><name>c%d</name><disk name='{dev}'/></domainblocksnapshot>"
+        n = self.s["checkpoints"]
+        plain, with_cp = [], []
+        for i in range(n):
+            plain.append(timed(lf.blockSnapshotCreateXML, self.dom, xml % (10_000 + i)))
+            lf.blockSnapshotLookupByName(self.dom, f"c{10_000 + i}").delete()
+            with_cp.append(timed(lf.blockSnapshotCreateXML, self.dom, xml % i,
+                                 lf.VIR_DOMAIN_BLOCK_SNAPSHOT_CREATE_CHECKPOINT))
+            lf.blockSnapshotLookupByName(self.dom, f"c{i}").delete()
+        a, b = statistics.median(plain) * 1000, statistics.median(with_cp) * 1000
+        self.row(f"6. snapshot of 1 disk, no checkpoint (median of {n})", f"{a:.0f} ms")
+        self.row(f"6. snapshot of 1 disk, with a checkpoint (median of {n})", f"{b:.0f} ms",
+                 f"{b / a:.2f}x without", "~1x")
+        lf.blockSnapshotCreateXML(self.dom, xml % 99_999)
+        t = timed(lf.blockExportStart, self.dom,
+                  f"<domainblockexport type='nbd'><address type='unix' socket="
+                  f"'{self.work}/cp.sock'/><disk name='{dev}' snapshot='c99999' "
+                  f"checkpoint='c0'/></domainblockexport>")
+        self.row(f"6. export from the oldest of {n} checkpoints", f"{t * 1000:.0f} ms", "",
+                 "<< 1 s")
+        lf.blockSnapshotLookupByName(self.dom, "c99999").delete(
+            lf.VIR_DOMAIN_BLOCK_SNAPSHOT_DELETE_STOP_EXPORTS)
+        for c in reversed(lf.blockCheckpointList(self.dom)):
+            if c.getName().startswith("c"):
+                c.delete()
+
     # --- 5 ----------------------------------------------------------------------------
     def guest_writes(self) -> None:
         total = self.s["guest_write"]
@@ -316,6 +348,7 @@ def main() -> int:
         b.full_and_incremental()
         b.sparse()
         b.latency()
+        b.checkpoint_cost()
         b.guest_writes()
     finally:
         b.cleanup()

@@ -42,7 +42,7 @@ from typing import Optional
 import libvirt
 from lxml import etree
 
-from . import backup_copy, checkpoints, disks as disklib, errors, exports, snapshots, virt
+from . import backup_copy, checkpoints, disks as disklib, errors, exports, fsutil, snapshots, virt
 from .backup_copy import Cancelled, CopyError
 from .backup_guard import Guard
 from .backup_manifest import (BackupBusy, BackupCorrupt, BackupTargetError, DirLock, DiskEntry,
@@ -343,7 +343,7 @@ def _run(dom: libvirt.virDomain, directory: str, manifest: Manifest, disks: list
         committed = True
         for e in entries:
             os.rename(os.path.join(directory, e.file + ".part"), os.path.join(directory, e.file))
-        mf.fsync_dir(directory)
+        fsutil.fsync_dir(directory)
         Journal.remove(directory)
         _say(progress, f"point {index} ({mode}) done: {_human(point_copied(point))} copied "
                        f"in {point.duration:.1f} s")
@@ -507,7 +507,7 @@ def recover(directory: str, conn: Optional[libvirt.virConnect] = None) -> list[s
             final = os.path.join(directory, e.file)
             if os.path.exists(final + ".part") and not os.path.exists(final):
                 os.rename(final + ".part", final)
-        mf.fsync_dir(directory)
+        fsutil.fsync_dir(directory)
         if dom is not None and dom.isActive() and journal.snapshot:
             _teardown(dom, journal.snapshot)
         Journal.remove(directory)

@@ -30,7 +30,7 @@ import re
 import tempfile
 from typing import Any, Optional
 
-from . import errors
+from . import errors, fsutil
 
 FORMAT = "libvirt-fleece-backup/1"
 MANIFEST = "manifest.json"
@@ -160,31 +160,10 @@ def load(directory: str) -> Optional[Manifest]:
     return _from_json(data, path)
 
 
-def fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_json_atomic(directory: str, name: str, data: Any) -> None:
-    """Write ``name`` in ``directory`` all or nothing: temp file, fsync, rename, fsync dir."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, os.path.join(directory, name))
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    fsync_dir(directory)
+    """Write ``name`` in ``directory`` all or nothing (see fsutil.write_atomic)."""
+    text = json.dumps(data, indent=2, sort_keys=False) + "\n"
+    fsutil.write_atomic(os.path.join(directory, name), text.encode("utf-8"), 0o600)
 
 
 def save(directory: str, manifest: Manifest) -> None:
@@ -345,4 +324,4 @@ class Journal:
             os.unlink(os.path.join(directory, JOURNAL))
         except FileNotFoundError:
             return
-        fsync_dir(directory)
+        fsutil.fsync_dir(directory)

@@ -21,7 +21,7 @@ import stat
 import sys
 from typing import Optional
 
-from . import errors
+from . import errors, fsutil
 
 HOOKS_DIR = "/etc/libvirt/hooks"
 HOOK_NAME = "libvirt-fleece"
@@ -137,24 +137,7 @@ def _ours(path: str) -> bool:
 
 def _write(path: str, text: str) -> None:
     """Write ``text`` to ``path`` atomically, root-owned, mode 0755."""
-    tmp = os.path.join(os.path.dirname(path), f".{HOOK_NAME}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        try:
-            os.write(fd, text.encode("utf-8"))
-            if os.geteuid() == 0:
-                os.fchown(fd, 0, 0)
-            os.fchmod(fd, 0o755)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    fsutil.write_atomic(path, text.encode("utf-8"), 0o755)
 
 
 def install(reload: bool = False, hooks_dir: str = HOOKS_DIR, pidfile: str = PIDFILE,

@@ -26,7 +26,8 @@ import pytest
 import libvirt_fleece as lf
 from libvirt_fleece.faults import ENV
 from conftest import plugin_leftovers
-from vm import GUEST_DIR, MiB, TestVM, expected_image, guest_kernel, read_export
+from vm import (GUEST_DIR, MiB, TestVM, expected_image, guest_kernel, read_export,
+                restart_libvirtd, wait_for)
 
 pytestmark = [pytest.mark.integration, pytest.mark.serial]
 
@@ -119,26 +120,8 @@ class Libvirt:
         self.conn.close()
 
 
-def restart_libvirtd() -> float:
-    """SIGTERM the pidfile's libvirtd, start a new one, wait until it answers; seconds taken."""
-    t0 = time.monotonic()
-    with open("/run/libvirtd.pid") as f:
-        pid = int(f.read().strip())
-    os.kill(pid, signal.SIGTERM)
-    wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 60, "libvirtd does not stop")
-    subprocess.run(["libvirtd", "-d"], check=True)
-    wait_for(lambda: subprocess.run(["virsh", "-c", URI, "version"], capture_output=True,
-                                    timeout=30).returncode == 0, 60, "libvirtd does not answer")
-    return time.monotonic() - t0
 
 
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.1) -> float:
-    t0 = time.monotonic()
-    while not predicate():
-        if time.monotonic() - t0 > timeout:
-            pytest.fail(f"after {timeout:.0f} s: {what}")
-        time.sleep(interval)
-    return time.monotonic() - t0
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from lxml import etree
 
 import libvirt_fleece as lf
 from libvirt_fleece import checkpoints, config, fleecefile, hook, hookinstall, metadata
-from vm import MiB, TestVM, expected_image, read_export
+from vm import MiB, TestVM, expected_image, read_export, restart_libvirtd, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.serial]
 
@@ -34,14 +34,6 @@ TIMINGS: dict = {}
 
 # --- helpers -----------------------------------------------------------------------
 
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.1) -> float:
-    """Poll until true; return the seconds it took. Fails the test with ``what``."""
-    t0 = time.monotonic()
-    while not predicate():
-        if time.monotonic() - t0 > timeout:
-            pytest.fail(f"after {timeout:.0f} s: {what}")
-        time.sleep(interval)
-    return time.monotonic() - t0
 
 
 def hook_log() -> str:
@@ -343,18 +335,6 @@ def test_hook_time_per_invocation_and_start_stop_not_slowed(installed_hook, conn
 
 # --- last: restarts libvirtd ---------------------------------------------------------------
 
-def restart_libvirtd() -> float:
-    """Stop libvirtd by its pidfile pid and start it again; return the seconds it took."""
-    t0 = time.monotonic()
-    pid = hookinstall.libvirtd_pid()
-    assert pid, "libvirtd is not running"
-    os.kill(pid, signal.SIGTERM)
-    wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 60, "libvirtd does not stop")
-    subprocess.run(["libvirtd", "-d"], check=True)
-    wait_for(lambda: subprocess.run(["virsh", "-c", "qemu:///system", "version"],
-                                    capture_output=True).returncode == 0, 60,
-             "libvirtd does not come back")
-    return time.monotonic() - t0
 
 
 def test_libvirtd_restart_while_an_export_is_read(installed_hook):

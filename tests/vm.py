@@ -226,3 +226,30 @@ def clusters(writes, granularity: int = 64 * 1024) -> set:
     for _p, off, length in writes:
         out.update(range(off // granularity, (off + length - 1) // granularity + 1))
     return out
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.1) -> float:
+    """Poll until true; return the seconds it took. Fails the test with ``what``."""
+    import pytest
+    t0 = time.monotonic()
+    while not predicate():
+        if time.monotonic() - t0 > timeout:
+            pytest.fail(f"after {timeout:.0f} s: {what}")
+        time.sleep(interval)
+    return time.monotonic() - t0
+
+
+def restart_libvirtd() -> float:
+    """SIGTERM the pidfile's libvirtd (never by name), start a new one, wait until it
+    answers; return the seconds it took. Serial-tier tests only."""
+    import signal
+    t0 = time.monotonic()
+    with open("/run/libvirtd.pid") as f:
+        pid = int(f.read().strip())
+    os.kill(pid, signal.SIGTERM)
+    wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 60, "libvirtd does not stop")
+    subprocess.run(["libvirtd", "-d"], check=True)
+    wait_for(lambda: subprocess.run(["virsh", "-c", "qemu:///system", "version"],
+                                    capture_output=True, timeout=30).returncode == 0, 60,
+             "libvirtd does not answer")
+    return time.monotonic() - t0
