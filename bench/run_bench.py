@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import logging
 import platform
 import shutil
 import statistics
@@ -223,9 +224,20 @@ class Bench:
     # --- 4 ----------------------------------------------------------------------------
     def latency(self) -> None:
         small = [d for d in self.devs if d not in ("vda", "vdb", "vdc")]
+        pauses: list[float] = []
+
+        class PauseLog(logging.Handler):      # "guest paused %.1f ms" from snapshots.py
+            def emit(self, record: logging.LogRecord) -> None:
+                if record.getMessage().count("guest paused"):
+                    pauses.append(float(record.getMessage().split("guest paused ")[1].split()[0]))
+
+        snaplog = logging.getLogger("libvirt_fleece.snapshots")
+        snaplog.setLevel(logging.DEBUG)
+        snaplog.addHandler(PauseLog())
         for n in self.s["disks"]:
             devs = small[:n]
             snap_t, exp_t, lv_t = [], [], []
+            pauses.clear()
             for _ in range(self.s["repeats"]):
                 xml = "<domainblocksnapshot><name>lat</name>%s</domainblocksnapshot>" % \
                     "".join(f"<disk name='{d}'/>" for d in devs)
@@ -257,6 +269,9 @@ class Bench:
             self.row(f"4. set-up, {n} disk(s): snapshot + blockExportStart", f"{b:.0f} ms",
                      f"{b / c:.2f}x backupBegin")
             self.row(f"4. set-up, {n} disk(s): libvirt backupBegin (pull)", f"{c:.0f} ms")
+            if pauses:
+                self.row(f"4. guest vCPUs paused, {n} disk(s) (max of {len(pauses)})",
+                         f"{max(pauses):.1f} ms")
 
     # --- 6 ----------------------------------------------------------------------------
     def checkpoint_cost(self) -> None:

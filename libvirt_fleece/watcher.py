@@ -104,6 +104,8 @@ def main(uri: str, domain_uuid: str) -> int:
     libvirt_qemu.qemuMonitorEventRegister(conn, dom, "BLOCK_WRITE_THRESHOLD", on_event, None, 0)
     libvirt.virEventAddTimeout(int(CHECK_INTERVAL * 1000), lambda _t, _o: None, None)
     log.info("watching domain %s for fleece size limits", dom.name())
+    # a threshold crossed before we listened sent its event to nobody: look once now
+    pending.append({"node-name": "(crossed before the watcher listened)"})
     last_check = time.monotonic()
     while True:
         libvirt.virEventRunDefaultImpl()
