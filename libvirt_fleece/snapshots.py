@@ -26,14 +26,13 @@ from typing import Optional
 import libvirt
 
 from . import (bitmaps, blockgraph, checkpoints, documents, errors, fleecefile, health,
-               metadata, virt, watcher)
+               metadata, pauseguard, virt, watcher)
 from .faults import killpoint
 from .flags import check_flags
+from .handle import NamedHandle
 from .livedisks import live_disks
 from .metadata import DiskRecord, SnapshotRecord
-from . import pauseguard
 from .pauseguard import PauseGuard
-from .handle import NamedHandle
 from .session import Session, open_session
 
 log = logging.getLogger(__name__)
