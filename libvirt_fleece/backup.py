@@ -473,7 +473,7 @@ def _cleanup(dom: Optional[libvirt.virDomain], directory: str, journal: Journal,
     for part in journal.parts:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(directory, part))
-    mf.fsync_dir(directory)
+    fsutil.fsync_dir(directory)
     Journal.remove(directory)
 
 
