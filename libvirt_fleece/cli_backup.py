@@ -40,7 +40,7 @@ def cmd_info(ctx, args: argparse.Namespace) -> int:
             rows.append((str(p.index), p.time, p.mode, p.checkpoint, d.name, d.file,
                          _size(d.size), _size(d.copied)))
     print(_table(("Point", "Time (UTC)", "Mode", "Checkpoint", "Disk", "File",
-                        "Size", "Copied"), rows, header=not ctx.quiet))
+                  "Size", "Copied"), rows, header=not ctx.quiet))
     return 0
 
 

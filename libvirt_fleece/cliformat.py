@@ -302,5 +302,3 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]],
         out += [head, "-" * (len(head) + 2)]
     out += [line(r) for r in rows]
     return "\n".join(out)
-
-

@@ -71,7 +71,6 @@ WORKER_URI = "qemu:///system"
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
-
 class BadInput(Exception):
     """The XML on stdin is not a usable domain document."""
 

@@ -46,7 +46,8 @@ def translate(e: libvirt.libvirtError, what: str) -> errors.Error:
     if code in _NOT_RUNNING:
         return errors.OperationInvalid(text)
     if code == libvirt.VIR_ERR_ACCESS_DENIED:
-        return errors.ConnectionError(text + " (libvirt-fleece needs full access to qemu:///system)")
+        return errors.ConnectionError(
+            text + " (libvirt-fleece needs full access to qemu:///system)")
     return errors.LibvirtError(text, code=code or 0)
 
 

@@ -67,7 +67,8 @@ def parse(text: object, what: str, max_size: int = MAX_DOCUMENT,
     try:
         data = text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise errors.InvalidArgument(f"{what}: text with invalid characters (lone surrogates)") from e
+        raise errors.InvalidArgument(
+            f"{what}: text with invalid characters (lone surrogates)") from e
     try:
         root = etree.fromstring(data, _PARSER_KEEP if keep_comments else _PARSER)
     except (etree.XMLSyntaxError, ValueError) as e:

@@ -120,10 +120,6 @@ class Libvirt:
         self.conn.close()
 
 
-
-
-
-
 @pytest.fixture(scope="module")
 def lv():
     try:

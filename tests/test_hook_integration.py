@@ -35,7 +35,6 @@ TIMINGS: dict = {}
 # --- helpers -----------------------------------------------------------------------
 
 
-
 def hook_log() -> str:
     """What the hook logged (its file, or the journal when it logs to syslog)."""
     cfg = config.load()
@@ -334,7 +333,6 @@ def test_hook_time_per_invocation_and_start_stop_not_slowed(installed_hook, conn
 
 
 # --- last: restarts libvirtd ---------------------------------------------------------------
-
 
 
 def test_libvirtd_restart_while_an_export_is_read(installed_hook):

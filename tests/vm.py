@@ -22,6 +22,8 @@ def guest_kernel(mode: str) -> dict:
     return {"kernel": os.path.join(GUEST_DIR, "vmlinuz"),
             "initrd": os.path.join(GUEST_DIR, "initrd.img"),
             "cmdline": f"console=ttyS0 panic=-1 quiet fleece.mode={mode}"}
+
+
 PREFIX = "fleecetest-"
 MiB = 1 << 20
 
