@@ -192,3 +192,15 @@ def test_remote_or_unprivileged_connections_are_refused(monkeypatch):
 
 def test_kill_points_are_unique():
     assert len(set(KILL_POINTS)) == len(KILL_POINTS) >= 20
+
+
+def test_second_fleece_image_of_a_size_is_identical_to_what_qemu_img_makes(tmp_path):
+    import subprocess
+    tag = fleecefile.owner_tag("uuid", "0123abcd", "vda")
+    for name in ("a.qcow2", "b.qcow2"):                 # b comes from the reused bytes
+        os.close(fleecefile.create(str(tmp_path / name), 5 << 30, tag))
+    ref = tmp_path / "ref.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(ref), str(5 << 30)],
+                   check=True)
+    assert (tmp_path / "b.qcow2").read_bytes() == ref.read_bytes()
+    assert subprocess.run(["qemu-img", "check", str(tmp_path / "b.qcow2")]).returncode == 0
