@@ -158,8 +158,8 @@ def nbd_server_stop(dom: libvirt.virDomain) -> None:
             raise
 
 
-def export_ids(dom: libvirt.virDomain) -> set[str]:
-    return {e["id"] for e in qmp.execute(dom, "query-block-exports")}
+def export_ids(dom: libvirt.virDomain, fresh: bool = False) -> set[str]:
+    return {e["id"] for e in qmp.execute(dom, "query-block-exports", fresh=fresh)}
 
 
 def export_add(dom: libvirt.virDomain, eid: str, node: str, name: str,
@@ -187,5 +187,5 @@ def export_del(dom: libvirt.virDomain, eid: str, force: bool = False) -> None:
                 f"or force the stop") from e
         if "not found" not in e.desc:
             raise
-    if not wait_until(lambda: eid not in export_ids(dom), timeout=10):
+    if not wait_until(lambda: eid not in export_ids(dom, fresh=True), timeout=10):
         raise errors.OperationInvalid(f"qemu did not release export {eid} within 10 s")

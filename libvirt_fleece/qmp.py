@@ -8,9 +8,12 @@ answer back into the ``return`` value or a :class:`~.errors.QMPError`.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import logging
-from typing import Any, Optional, Sequence
+import threading
+from typing import Any, Iterator, Optional, Sequence
 
 import libvirt
 import libvirt_qemu
@@ -40,13 +43,55 @@ def _parse_reply(command: str, arguments: Optional[dict], reply: str) -> Any:
     return parsed.get("return")
 
 
+# Within one API call (which holds the domain's lock) the same queries are asked
+# several times; their answers are reused until the call sends anything else.
+CACHEABLE = frozenset({"query-named-block-nodes", "query-block", "query-block-exports",
+                       "query-fdsets"})
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def cached_queries(dom: libvirt.virDomain) -> Iterator[None]:
+    """Reuse CACHEABLE answers for ``dom`` in this thread until any other command."""
+    caches = _local.__dict__.setdefault("caches", {})
+    key = dom.UUIDString()
+    outer = key in caches
+    caches.setdefault(key, {})
+    try:
+        yield
+    finally:
+        if not outer:
+            caches.pop(key, None)
+
+
+def _cache_for(dom: libvirt.virDomain) -> Optional[dict]:
+    caches = getattr(_local, "caches", None)
+    return caches.get(dom.UUIDString()) if caches else None
+
+
 def execute(dom: libvirt.virDomain, command: str,
-            arguments: Optional[dict] = None) -> Any:
+            arguments: Optional[dict] = None, fresh: bool = False) -> Any:
     """Run one QMP command on the domain's monitor and return its result.
 
+    ``fresh`` asks qemu even when a cached answer exists (polling).
     Raises QMPError when qemu refuses the command, OperationInvalid when the
     domain is not running, LibvirtError for other libvirt failures.
     """
+    cache = _cache_for(dom)
+    key = _command_json(command, arguments)
+    if cache is not None:
+        if command in CACHEABLE:
+            if not fresh and key in cache:
+                return copy.deepcopy(cache[key])
+        else:
+            cache.clear()
+    result = _send(dom, command, arguments)
+    if cache is not None and command in CACHEABLE:
+        cache[key] = copy.deepcopy(result)
+    return result
+
+
+def _send(dom: libvirt.virDomain, command: str, arguments: Optional[dict]) -> Any:
     text = _command_json(command, arguments)
     log.debug("QMP %s -> %s", dom.name(), text)
     try:
@@ -64,6 +109,9 @@ def execute_with_fd(dom: libvirt.virDomain, command: str,
     Used with ``add-fd`` and ``getfd`` so that qemu uses files and sockets the
     plugin opened itself. Raises as :func:`execute`.
     """
+    cache = _cache_for(dom)
+    if cache is not None:
+        cache.clear()
     text = _command_json(command, arguments)
     log.debug("QMP %s -> %s (fds %s)", dom.name(), text, list(fds))
     try:

@@ -16,7 +16,7 @@ from typing import Iterator
 
 import libvirt
 
-from . import config, errors, lock, metadata, virt
+from . import config, errors, lock, metadata, qmp, virt
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def open_session(dom: libvirt.virDomain, reconcile: bool = True) -> Iterator[Ses
     virt.check_domain(dom)
     cfg = config.load()
     uuid = virt.domain_uuid(dom)
-    with lock.domain_lock(cfg, uuid, dom.name()):
+    with lock.domain_lock(cfg, uuid, dom.name()), qmp.cached_queries(dom):
         try:
             sess = Session(dom=dom, cfg=cfg, state=metadata.load(dom), uuid=uuid)
         except errors.InvalidArgument as e:
