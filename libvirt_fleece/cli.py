@@ -115,7 +115,7 @@ def cmd_blocksnapshot_create(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def cmd_blocksnapshot_create_as(ctx: Context, args: argparse.Namespace) -> int:
-    xml = snapshot_xml(args.name, args.disk)
+    xml = snapshot_xml(args.name, args.disk, args.size_limit)
     if args.print_xml:
         print(xml, end="")
         return 0
@@ -161,7 +161,8 @@ def cmd_blockexport_start(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def cmd_blockexport_start_as(ctx: Context, args: argparse.Namespace) -> int:
-    xml = export_xml(args.disk, socket=args.socket, host=args.host, port=args.port)
+    xml = export_xml(args.disk, socket=args.socket, host=args.host, port=args.port,
+                     tls=args.tls)
     if args.print_xml:
         print(xml, end="")
         return 0
@@ -299,6 +300,7 @@ def _add_snapshot_commands(sub) -> None:
   virsh-fleece blocksnapshot-create-as web1 --name mon --disk vda --checkpoint
   virsh-fleece blocksnapshot-create-as web1 --disk vda,fleece=/srv/fleece/web1-vda.qcow2
   virsh-fleece blocksnapshot-create-as web1 --name s1 --disk vda --print-xml
+  virsh-fleece blocksnapshot-create-as web1 --name big --size-limit 10737418240
 """)
     _domain(p)
     p.add_argument("--name", help="snapshot name (default: a generated UUID)")
@@ -309,6 +311,8 @@ def _add_snapshot_commands(sub) -> None:
     _checkpoint_option(p)
     p.add_argument("--print-xml", action="store_true",
                    help="print the XML instead of creating the snapshot")
+    p.add_argument("--size-limit", type=int, metavar="BYTES",
+                   help="stop the snapshot cleanly when a fleece image grows past BYTES")
 
     p = _add(sub, "blocksnapshot-list", cmd_blocksnapshot_list,
              "list a domain's temporary block snapshots", """\
@@ -362,6 +366,7 @@ def _add_export_commands(sub) -> None:
   virsh-fleece blockexport-start-as web1 --disk vda,snapshot=s1,exportname=web1-vda \\
       --socket /run/backup/web1.sock
   virsh-fleece blockexport-start-as web1 --disk vda,snapshot=s1 --host 127.0.0.1 --port 10809
+  virsh-fleece blockexport-start-as web1 --disk vda,snapshot=s1 --host 192.0.2.10 --tls
   virsh-fleece blockexport-start-as web1 --disk vda,snapshot=tue,checkpoint=mon
   virsh-fleece blockexport-start-as web1 --disk vda,snapshot=s1 --print-xml
 """)
@@ -377,6 +382,8 @@ def _add_export_commands(sub) -> None:
                             "/run/libvirt-fleece/DOMAIN.sock)")
     where.add_argument("--host", help="listen on this IP address (no TLS: prefer a socket)")
     p.add_argument("--port", type=_port, help="TCP port with --host (default 10809)")
+    p.add_argument("--tls", action="store_true",
+                   help="with --host: require x509 TLS with client certificates (tls_dir)")
     p.add_argument("--print-xml", action="store_true",
                    help="print the XML instead of starting the export")
 
@@ -486,6 +493,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if getattr(args, "port", None) is not None and args.host is None:
         args.subparser.error("--port needs --host")
+    if getattr(args, "tls", False) and args.host is None:
+        args.subparser.error("--tls needs --host (a unix socket is protected by its permissions)")
     return args
 
 

@@ -111,7 +111,8 @@ def _xml_safe(build: Callable[..., str]) -> Callable[..., str]:
 
 
 @_xml_safe
-def snapshot_xml(name: Optional[str], disks: Sequence[DiskSpec]) -> str:
+def snapshot_xml(name: Optional[str], disks: Sequence[DiskSpec],
+                 size_limit: Optional[int] = None) -> str:
     """A <domainblocksnapshot> request (no disks: all disks that can be snapshotted)."""
     root = etree.Element("domainblocksnapshot")
     if name is not None:
@@ -120,12 +121,15 @@ def snapshot_xml(name: Optional[str], disks: Sequence[DiskSpec]) -> str:
         el = etree.SubElement(root, "disk", name=d.name)
         if d.get("fleece"):
             etree.SubElement(el, "fleece", file=d.get("fleece"))
+    if size_limit is not None:
+        etree.SubElement(root, "sizeLimit").text = str(size_limit)
     return _tostring(root)
 
 
 @_xml_safe
 def export_xml(disks: Sequence[DiskSpec], socket: Optional[str] = None,
-               host: Optional[str] = None, port: Optional[int] = None) -> str:
+               host: Optional[str] = None, port: Optional[int] = None,
+               tls: bool = False) -> str:
     """A <domainblockexport type='nbd'> request; no socket and no host: the default socket."""
     root = etree.Element("domainblockexport", type="nbd")
     if socket is not None:
@@ -134,6 +138,8 @@ def export_xml(disks: Sequence[DiskSpec], socket: Optional[str] = None,
         addr = etree.SubElement(root, "address", type="ip", host=host)
         if port is not None:
             addr.set("port", str(port))
+        if tls:
+            addr.set("tls", "yes")
     for d in disks:
         attrs = {"name": d.name}
         for key in EXPORT_START_DISK_KEYS:

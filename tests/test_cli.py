@@ -700,3 +700,19 @@ def test_help_of_the_installed_command_has_examples():
     for args in (["--help"], ["blockexport-start-as", "--help"]):
         proc = run_cli(*args)
         assert proc.returncode == 0 and "Examples:" in proc.stdout
+
+
+def test_size_limit_and_tls_options_reach_the_xml():
+    from libvirt_fleece import documents
+    out = subprocess.run([sys.executable, "-m", "libvirt_fleece.cli", "blocksnapshot-create-as",
+                          "x", "--name", "s", "--size-limit", "2097152", "--print-xml"],
+                         capture_output=True, text=True)
+    assert documents.parse_snapshot(out.stdout).size_limit == 2097152
+    out = subprocess.run([sys.executable, "-m", "libvirt_fleece.cli", "blockexport-start-as",
+                          "x", "--disk", "vda,snapshot=s", "--host", "127.0.0.1", "--tls",
+                          "--print-xml"], capture_output=True, text=True)
+    assert documents.parse_export(out.stdout).address.tls
+    out = subprocess.run([sys.executable, "-m", "libvirt_fleece.cli", "blockexport-start-as",
+                          "x", "--disk", "vda,snapshot=s", "--tls", "--print-xml"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "--tls needs --host" in out.stderr
