@@ -100,11 +100,6 @@ def set_drive(dom: libvirt.virDomain, qdev: str, node: str) -> None:
     qmp.execute(dom, "qom-set", {"path": qdev, "property": "drive", "value": node})
 
 
-def top_node(dom: libvirt.virDomain, qdev: str) -> Optional[str]:
-    dev = devices(dom).get(qdev)
-    return dev["inserted"]["node-name"] if dev else None
-
-
 def remove_node(dom: libvirt.virDomain, node: str, existing: set[str]) -> None:
     """Delete one of our nodes if it exists (its inline children go with it)."""
     if node in existing:

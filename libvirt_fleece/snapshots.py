@@ -21,7 +21,6 @@ import logging
 import os
 import time
 import uuid as uuidlib
-from typing import Optional
 
 import libvirt
 
@@ -325,7 +324,3 @@ def lookup(dom: libvirt.virDomain, name: str, flags: int = 0) -> BlockSnapshot:
         raise errors.InvalidArgument("snapshot name must be a string")
     with open_session(dom) as sess:
         return BlockSnapshot(dom, _lookup(sess, name).name)
-
-
-def record(sess: Session, name: str) -> Optional[SnapshotRecord]:
-    return sess.state.snapshot(name)

@@ -233,7 +233,6 @@ def test_foreign_libvirt_checkpoint_is_left_intact(make_vm):
     delete_everything(t.dom)
     assert names(t.dom) == []
     assert [c.getName() for c in t.dom.listAllCheckpoints()] == ["theirs"]
-    assert "theirs" in t.dom.XMLDesc(0) or True
     t.dom.checkpointLookupByName("theirs").getXMLDesc()
 
 
