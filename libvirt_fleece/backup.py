@@ -44,6 +44,7 @@ from lxml import etree
 
 from . import backup_copy, checkpoints, disks as disklib, errors, exports, fsutil, snapshots, virt
 from .backup_copy import Cancelled, CopyError
+from .backup_digest import LayerDigest, digest_file
 from .backup_guard import Guard
 from .backup_manifest import (BackupBusy, BackupCorrupt, BackupTargetError, DirLock, DiskEntry,
                               Journal, Manifest, Point)
@@ -242,8 +243,7 @@ def _say(progress: Optional[ProgressCallback], text: str) -> None:
 def backup(dom: libvirt.virDomain, target_dir: str, mode: str = "auto",
            disks: Optional[list[str]] = None,
            progress: Optional[ProgressCallback] = None,
-           in_flight: int = backup_copy.IN_FLIGHT,
-           request_size: int = backup_copy.REQUEST_SIZE) -> BackupResult:
+           in_flight: int = backup_copy.IN_FLIGHT) -> BackupResult:
     """Back up the domain's disks into ``target_dir`` (created if missing).
 
     ``mode``: ``full``, ``incremental`` (since the directory's newest point) or
@@ -286,7 +286,7 @@ def backup(dom: libvirt.virDomain, target_dir: str, mode: str = "auto",
             guard = Guard(directory, lock.fd)
             try:
                 point = _run(dom, directory, manifest, chosen, mode, reason, base, progress,
-                             in_flight, request_size)
+                             in_flight)
             finally:
                 guard.done()
         return BackupResult(point=point, reason=reason, directory=directory)
@@ -296,7 +296,7 @@ def backup(dom: libvirt.virDomain, target_dir: str, mode: str = "auto",
 
 def _run(dom: libvirt.virDomain, directory: str, manifest: Manifest, disks: list[_Disk],
          mode: str, reason: str, base: Optional[Point], progress: Optional[ProgressCallback],
-         in_flight: int, request_size: int) -> Point:
+         in_flight: int) -> Point:
     started = time.monotonic()
     when, stamp = _utc()
     name = f"{NAME_PREFIX}{stamp}"
@@ -327,15 +327,11 @@ def _run(dom: libvirt.virDomain, directory: str, manifest: Manifest, disks: list
         bitmaps = _bitmaps(dom, name) if base is not None else {}
         t_setup = time.monotonic()
         entries = _copy_all(directory, disks, index, base, sock, bitmaps, progress,
-                            in_flight, request_size)
+                            in_flight)
         t_copy = time.monotonic()
         _teardown(dom, name)
-        t_down = time.monotonic()
-        for e in entries:       # checksums after the teardown: the guest runs unburdened
-            e.sha256 = mf.sha256_file(os.path.join(directory, e.file + ".part"))
-        log.debug("backup %s: set-up %.2f s, copy %.2f s, teardown %.2f s, sha256 %.2f s",
-                  name, t_setup - started, t_copy - t_setup, t_down - t_copy,
-                  time.monotonic() - t_down)
+        log.debug("backup %s: set-up %.2f s, copy %.2f s, teardown %.2f s",
+                  name, t_setup - started, t_copy - t_setup, time.monotonic() - t_copy)
         point = Point(index=index, time=when, mode=mode, checkpoint=name, disks=entries,
                       reason=reason, duration=round(time.monotonic() - started, 3))
         manifest.points.append(point)
@@ -373,7 +369,7 @@ def _human(n: float) -> str:
 
 def _copy_all(directory: str, disks: list[_Disk], index: int, base: Optional[Point],
               sock: str, bitmaps: dict[str, str], progress: Optional[ProgressCallback],
-              in_flight: int, request_size: int) -> list[DiskEntry]:
+              in_flight: int) -> list[DiskEntry]:
     """Plan every disk, then copy all of them in parallel threads."""
     plans = []
     try:
@@ -391,20 +387,22 @@ def _copy_all(directory: str, disks: list[_Disk], index: int, base: Optional[Poi
             file = mf.file_name(d.name, index)
             path = os.path.join(directory, file + ".part")
             backing = base.disk(d.name).file if base is not None else None
-            cmd = ["qemu-img", "create", "-q", "-f", "qcow2"]
+            cmd = ["qemu-img", "create", "-q", "-f", "qcow2",
+                   "-o", f"cluster_size={backup_copy.CLUSTER}"]
             if backing:
                 cmd += ["-b", backing, "-F", "qcow2"]
             _run_tool(cmd + [path, str(d.size)])
             dst = backup_copy.connect_target(path)
+            digest = LayerDigest()
             try:
-                copied = backup_copy.copy(src, dst, extents, counter.add, cancel,
-                                          request_size, in_flight)
+                copied = backup_copy.copy(src, dst, extents, counter.add, cancel, digest,
+                                          in_flight)
                 dst.shutdown()
             finally:
                 del dst     # waits for qemu-nbd, which closes the image cleanly
             backup_copy.fsync_file(path)
-            return DiskEntry(name=d.name, file=file, size=d.size, copied=copied, sha256="",
-                             backing=backing)
+            return DiskEntry(name=d.name, file=file, size=d.size, copied=copied,
+                             layer_sha256=digest.hexdigest(), backing=backing)
 
         with concurrent.futures.ThreadPoolExecutor(max_workers=len(plans)) as pool:
             futures = [pool.submit(one, *p) for p in plans]
@@ -542,20 +540,42 @@ def verify(target_dir: str) -> VerifyReport:
             if not os.path.exists(path):
                 problems.append(f"point {p.index} disk {d.name}: {d.file} is missing")
                 continue
-            if mf.sha256_file(path) != d.sha256:
-                problems.append(f"point {p.index} disk {d.name}: {d.file} does not match "
-                                f"its checksum")
-                continue
-            problems += _check_image(p, d, path)
+            found = _check_image(p, d, path)
+            if not found:
+                found = _check_content(p, d, path)
+            problems += found
     return VerifyReport(checked=checked, problems=problems)
 
 
+def _matches(d: DiskEntry, path: str) -> bool:
+    """Whether the file holds what the manifest says (its layer digest, or for
+    format /1 entries the SHA-256 of its bytes). Raises CopyError."""
+    if d.sha256:
+        return mf.sha256_file(path) == d.sha256
+    return digest_file(path) == d.layer_sha256
+
+
+def _check_content(p: Point, d: DiskEntry, path: str) -> list[str]:
+    try:
+        if _matches(d, path):
+            return []
+    except CopyError as e:
+        return [f"point {p.index} disk {d.name}: cannot read {d.file}: {e}"]
+    return [f"point {p.index} disk {d.name}: {d.file} does not match its checksum"]
+
+
 def _check_image(p: Point, d: DiskEntry, path: str) -> list[str]:
+    """What ``qemu-img info`` and ``qemu-img check`` find wrong with the file."""
     import json
     try:
         data = json.loads(_run_tool(["qemu-img", "info", "--output=json", "-U", path]))
     except (CopyError, ValueError) as e:
         return [f"point {p.index} disk {d.name}: qemu-img cannot read {d.file}: {e}"]
+    check = subprocess.run(["qemu-img", "check", "-U", "-q", "-f", "qcow2", path],
+                           capture_output=True, text=True, check=False)
+    if check.returncode not in (0, 3):      # 3: leaked clusters only, the data is intact
+        return [f"point {p.index} disk {d.name}: qemu-img check finds {d.file} damaged: "
+                f"{(check.stderr or check.stdout).strip()[:500]}"]
     out = []
     if data.get("format") != "qcow2" or data.get("virtual-size") != d.size:
         out.append(f"point {p.index} disk {d.name}: {d.file} is not a qcow2 of {d.size} bytes")
@@ -586,7 +606,12 @@ def restore(target_dir: str, disk: str, to_path: str, point: Optional[int] = Non
         path = os.path.join(directory, e.file)
         if not os.path.exists(path):
             raise BackupCorrupt(f"{path} is missing; point {chosen.index} cannot be restored")
-        if check and mf.sha256_file(path) != e.sha256:
+        try:
+            intact = not check or _matches(e, path)
+        except CopyError as err:
+            raise BackupCorrupt(f"{path} cannot be read ({err}); point {chosen.index} "
+                                f"cannot be restored") from err
+        if not intact:
             raise BackupCorrupt(f"{path} does not match its checksum in the manifest; "
                                 f"point {chosen.index} cannot be restored")
     fmt = "qcow2" if to_path.endswith(".qcow2") else "raw"

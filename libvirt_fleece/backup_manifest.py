@@ -11,6 +11,9 @@ name) and ``manifest.json``::
     .libvirt-fleece-backup.lock   flock()ed while a backup writes here
     .libvirt-fleece-backup.journal  what a running backup created (for cleanup)
 
+Each disk of a point records ``layer_sha256``, the digest of what its file
+holds of the disk (:mod:`.backup_digest`), computed while the data is copied.
+
 Files are written as ``NAME.part`` and renamed into place only after their
 data is complete and flushed and the manifest lists them. The journal names
 every ``.part`` file, snapshot and checkpoint a run creates before it
@@ -32,7 +35,8 @@ from typing import Any, Optional
 
 from . import errors, fsutil
 
-FORMAT = "libvirt-fleece-backup/1"
+FORMAT = "libvirt-fleece-backup/2"
+READABLE = (FORMAT, "libvirt-fleece-backup/1")     # /1: a checksum of each file's bytes
 MANIFEST = "manifest.json"
 LOCK = ".libvirt-fleece-backup.lock"
 JOURNAL = ".libvirt-fleece-backup.journal"
@@ -59,11 +63,13 @@ class DiskEntry:
     file: str
     size: int               # virtual size in bytes
     copied: int             # bytes read from the export and written
-    sha256: str
+    layer_sha256: str = ""  # the layer digest (backup_digest); "" in format /1
+    sha256: Optional[str] = None    # format /1: SHA-256 of the file's bytes
     backing: Optional[str] = None
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        return {k: v for k, v in dataclasses.asdict(self).items()       # one checksum
+                if k == "backing" or v not in (None, "")}
 
 
 @dataclasses.dataclass
@@ -131,8 +137,9 @@ def file_name(disk: str, index: int, part: bool = False) -> str:
 
 def _from_json(data: Any, path: str) -> Manifest:
     try:
-        if data.get("format") != FORMAT:
-            raise ValueError(f"format {data.get('format')!r} is not {FORMAT!r}")
+        if data.get("format") not in READABLE:
+            raise ValueError(f"format {data.get('format')!r} is not one of "
+                             f"{', '.join(READABLE)}")
         m = Manifest(domain_name=data["domain"]["name"], domain_uuid=data["domain"]["uuid"])
         for p in data["points"]:
             m.points.append(Point(
@@ -140,11 +147,23 @@ def _from_json(data: Any, path: str) -> Manifest:
                 checkpoint=p["checkpoint"], reason=p.get("reason", ""),
                 duration=float(p.get("duration", 0.0)),
                 disks=[DiskEntry(name=d["name"], file=d["file"], size=int(d["size"]),
-                                 copied=int(d["copied"]), sha256=d["sha256"],
+                                 copied=int(d["copied"]),
+                                 layer_sha256=_checksum(d, "layer_sha256", "sha256"),
+                                 sha256=_checksum(d, "sha256", "layer_sha256") or None,
                                  backing=d.get("backing")) for d in p["disks"]]))
         return m
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise BackupCorrupt(f"{path} is not a valid backup manifest ({e})") from e
+
+
+def _checksum(d: dict, key: str, other: str) -> str:
+    """``d[key]`` as a SHA-256 in hex ("" when absent but ``other`` is there)."""
+    value = d.get(key)
+    if value is None and d.get(other):
+        return ""
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9a-f]{64}", value):
+        raise ValueError(f"{key} of {d.get('file')!r} is not a SHA-256")
+    return value
 
 
 def load(directory: str) -> Optional[Manifest]:
@@ -180,45 +199,43 @@ def _open_for_hashing(path: str) -> int:
         return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
 
 
-def sha256_file(path: str, chunk: int = 8 << 20) -> str:
-    """SHA-256 of a file; reading (a thread) overlaps hashing (hashlib drops the GIL)."""
+def sha256_file(path: str, chunk: int = 8 << 20, readers: int = 1) -> str:
+    """SHA-256 of a file. ``readers`` threads read the chunks ahead, in parallel
+    (the disk answers two direct reads faster than one), while this thread hashes
+    them in order (hashlib drops the GIL). Raises OSError."""
+    import collections
+    import concurrent.futures
     import mmap
-    import queue
-    import threading
     h = hashlib.sha256()
-    full: "queue.Queue" = queue.Queue(maxsize=2)
-    free: "queue.Queue" = queue.Queue()
-    for _ in range(3):
-        free.put(mmap.mmap(-1, chunk))          # page-aligned, as O_DIRECT needs
-    failure: list = []
+    fd = _open_for_hashing(path)
+    try:
+        size = os.fstat(fd).st_size
+        offsets = iter(range(0, size, chunk))
+        pending: collections.deque = collections.deque()
 
-    def reader() -> None:
-        try:
-            fd = _open_for_hashing(path)
-            try:
-                while True:
-                    buf = free.get()
-                    n = os.readv(fd, [buf])
-                    full.put((buf, n))
-                    if not n:
-                        return
-            finally:
-                os.close(fd)
-        except BaseException as e:  # noqa: BLE001 - handed to the caller
-            failure.append(e)
-            full.put((None, 0))
+        def read(buf: mmap.mmap, offset: int) -> int:
+            want = min(chunk, size - offset)
+            got = os.preadv(fd, [buf], offset)
+            if got != want:
+                raise OSError(errno.EIO, f"{path} changed while it was read "
+                                         f"({got} of {want} bytes at offset {offset})")
+            return got
 
-    t = threading.Thread(target=reader, daemon=True)
-    t.start()
-    while True:
-        buf, n = full.get()
-        if not n:
-            break
-        h.update(memoryview(buf)[:n])
-        free.put(buf)
-    t.join()
-    if failure:
-        raise failure[0]
+        with concurrent.futures.ThreadPoolExecutor(readers) as pool:
+            for _ in range(readers + 1):
+                offset = next(offsets, None)
+                if offset is None:
+                    break
+                buf = mmap.mmap(-1, chunk)      # page-aligned, as O_DIRECT needs
+                pending.append((buf, pool.submit(read, buf, offset)))
+            while pending:
+                buf, future = pending.popleft()
+                h.update(memoryview(buf)[:future.result()])
+                offset = next(offsets, None)
+                if offset is not None:
+                    pending.append((buf, pool.submit(read, buf, offset)))
+    finally:
+        os.close(fd)
     return h.hexdigest()
 
 

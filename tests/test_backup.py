@@ -120,18 +120,69 @@ def test_full_then_incrementals_restore_every_point_byte_for_byte(make_vm, targe
     with pytest.raises(lf.AlreadyExists, match="never overwrites"):
         bk.restore(target, "vda", newest)
 
-    # a flipped byte is found by verify and refused by restore
+    # a byte flipped in a data cluster is found by verify and refused by restore
     victim = os.path.join(target, "vdb.0001.qcow2")
-    with open(victim, "r+b") as f:
-        f.seek(os.path.getsize(victim) - 1)
-        b = f.read(1)
-        f.seek(-1, os.SEEK_CUR)
-        f.write(bytes([b[0] ^ 0xff]))
+    flip(victim, data_cluster_offset(victim, 63 * MiB) + 4097)
     report = bk.verify(target)
-    assert not report.ok and "vdb.0001.qcow2" in report.problems[0]
+    assert not report.ok and "vdb.0001.qcow2 does not match its checksum" in \
+        report.problems[0], report.problems
     with pytest.raises(bk.BackupCorrupt):
         bk.restore(target, "vdb", str(tmp_path / "bad.raw"), point=2)
     assert not os.path.exists(tmp_path / "bad.raw")
+    # damaged qcow2 metadata is found too
+    flip(os.path.join(target, "vda.0000.qcow2"), 0)             # the header's magic
+    problems = bk.verify(target).problems
+    assert any("vda.0000.qcow2" in p and "qemu-img" in p for p in problems), problems
+    with pytest.raises(bk.BackupCorrupt):
+        bk.restore(target, "vda", str(tmp_path / "bad.raw"), point=0)
+
+
+def flip(path, offset):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0xff]))
+
+
+def data_cluster_offset(path, guest_offset):
+    """Where the data cluster holding ``guest_offset`` of the file's own layer lies."""
+    out = subprocess.run(["qemu-img", "map", "--output=json", "-U", path],
+                         capture_output=True, check=True).stdout
+    m = next(m for m in json.loads(out) if m["start"] <= guest_offset < m["start"] + m["length"]
+             and m["depth"] == 0 and m["data"])
+    return m["offset"] + guest_offset - m["start"]
+
+
+def test_backups_of_the_first_format_still_verify_and_restore(make_vm, target, tmp_path):
+    """Format /1 manifests carry a SHA-256 of each file's bytes instead of the layer digest."""
+    t = make_vm(disks=1, size_mib=64)
+    t.write("vda", 0x31, 0, MiB)
+    bk.backup(t.dom, target)
+    t.write("vda", 0x32, 8 * MiB, MiB)
+    bk.backup(t.dom, target)
+    path = os.path.join(target, mf.MANIFEST)
+    with open(path) as f:
+        data = json.load(f)
+    data["format"] = "libvirt-fleece-backup/1"
+    for p in data["points"]:
+        for d in p["disks"]:
+            del d["layer_sha256"]
+            d["sha256"] = mf.sha256_file(os.path.join(target, d["file"]))
+    with open(path, "w") as f:
+        json.dump(data, f)
+    assert bk.verify(target).ok
+    out = str(tmp_path / "old.raw")
+    bk.restore(target, "vda", out, point=1)
+    assert read_raw(out) == expected_image(64 * MiB, [(0x31, 0, MiB), (0x32, 8 * MiB, MiB)])
+    t.write("vda", 0x33, 16 * MiB, MiB)
+    assert bk.backup(t.dom, target).mode == "incremental"     # the chain goes on, as /2
+    m = bk.info(target)
+    assert m.points[1].disks[0].sha256 and m.points[2].disks[0].layer_sha256
+    assert bk.verify(target).ok
+    flip(os.path.join(target, "vda.0001.qcow2"),
+         os.path.getsize(os.path.join(target, "vda.0001.qcow2")) // 2)
+    assert not bk.verify(target).ok
 
 
 def test_crash_between_backups_makes_auto_take_a_full_one(conn, make_vm, target, tmp_path):
