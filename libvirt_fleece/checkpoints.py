@@ -236,9 +236,14 @@ def sync_mirror(sess: Session, cps: list[Checkpoint]) -> None:
         raise virt.translate(e, "cannot write the checkpoint metadata") from e
 
 
+_COMPARE = etree.XMLParser(remove_blank_text=True, resolve_entities=False, no_network=True,
+                           load_dtd=False)
+
+
 def _same(a: str, b: str) -> bool:
+    """Whether two mirror documents say the same (libvirt gives ours back indented)."""
     def canon(t: str) -> bytes:
-        root = xmlutil.strip_namespaces(etree.fromstring(t.encode()))
+        root = xmlutil.strip_namespaces(etree.fromstring(t.encode(), _COMPARE))
         return etree.tostring(root, method="c14n")
     try:
         return canon(a) == canon(b)

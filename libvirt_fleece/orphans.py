@@ -94,10 +94,13 @@ def _remove_orphan_nodes(sess: Session, orphans: set[str]) -> list[str]:
 def sweep(sess: Session) -> list[str]:
     """Make the record and reality agree. Returns what was done (also logged)."""
     dom = sess.dom
-    nodes = blockgraph.node_names(dom)
-    export_ids = blockgraph.export_ids(dom)
-    done = _drop_stale_records(sess, nodes, export_ids)
     state = sess.state
+    nodes = blockgraph.node_names(dom)
+    # an export holds its node: with no node of ours there is no export of ours
+    maybe_exports = state.server is not None or any(
+        n.startswith(blockgraph.PREFIX) for n in nodes)
+    export_ids = blockgraph.export_ids(dom) if maybe_exports else set()
+    done = _drop_stale_records(sess, nodes, export_ids)
     wanted_nodes = {n for s in state.snapshots for d in s.disks
                     for n in (d.access_node, d.filter_node, d.fleece_node, d.fleece_node + "f")}
     wanted_exports = {e.id for e in state.exports()}
@@ -127,12 +130,12 @@ def _stop_orphan_server(sess: Session, removed_exports: bool) -> list[str]:
     from .exports import default_socket_path
     if sess.state.server is not None:
         return []
-    if any(not e.startswith(blockgraph.PREFIX) for e in blockgraph.export_ids(sess.dom)):
-        return []          # someone else's server (libvirt backup, migration)
     path = default_socket_path(sess.cfg, sess.dom.name())
     is_ours = os.path.exists(path) and stat.S_ISSOCK(os.lstat(path).st_mode)
     if not (removed_exports or is_ours):
         return []
+    if any(not e.startswith(blockgraph.PREFIX) for e in blockgraph.export_ids(sess.dom)):
+        return []          # someone else's server (libvirt backup, migration)
     blockgraph.nbd_server_stop(sess.dom)
     if is_ours:
         os.unlink(path)

@@ -9,7 +9,6 @@ answer back into the ``return`` value or a :class:`~.errors.QMPError`.
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import threading
@@ -45,6 +44,8 @@ def _parse_reply(command: str, arguments: Optional[dict], reply: str) -> Any:
 
 # Within one API call (which holds the domain's lock) the same queries are asked
 # several times; their answers are reused until the call sends anything else.
+# The cache keeps qemu's reply text: parsing it again (C) costs a tenth of a
+# deepcopy of the parsed answer (Python) on a domain with 19 disks.
 CACHEABLE = frozenset({"query-named-block-nodes", "query-block", "query-block-exports",
                        "query-fdsets"})
 _local = threading.local()
@@ -78,28 +79,28 @@ def execute(dom: libvirt.virDomain, command: str,
     domain is not running, LibvirtError for other libvirt failures.
     """
     cache = _cache_for(dom)
-    key = _command_json(command, arguments)
+    text = _command_json(command, arguments)
     if cache is not None:
         if command in CACHEABLE:
-            if not fresh and key in cache:
-                return copy.deepcopy(cache[key])
+            if not fresh and text in cache:
+                return _parse_reply(command, arguments, cache[text])
         else:
             cache.clear()
-    result = _send(dom, command, arguments)
+    reply = _send(dom, command, text)
     if cache is not None and command in CACHEABLE:
-        cache[key] = copy.deepcopy(result)
-    return result
+        cache[text] = reply
+    return _parse_reply(command, arguments, reply)
 
 
-def _send(dom: libvirt.virDomain, command: str, arguments: Optional[dict]) -> Any:
-    text = _command_json(command, arguments)
+def _send(dom: libvirt.virDomain, command: str, text: str) -> str:
+    """qemu's reply text to the command ``text``. Raises as :func:`execute`."""
     log.debug("QMP %s -> %s", dom.name(), text)
     try:
         reply = libvirt_qemu.qemuMonitorCommand(dom, text, 0)
     except libvirt.libvirtError as e:
         raise virt.translate(e, f"cannot send {command} to domain {dom.name()!r}") from e
     log.debug("QMP %s <- %s", dom.name(), reply)
-    return _parse_reply(command, arguments, reply)
+    return reply
 
 
 def execute_with_fd(dom: libvirt.virDomain, command: str,
