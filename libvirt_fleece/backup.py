@@ -377,9 +377,13 @@ def _copy_all(directory: str, disks: list[_Disk], index: int, base: Optional[Poi
             ctx = f"qemu:dirty-bitmap:{bitmaps[d.name]}" if base is not None else None
             if base is not None and d.name not in bitmaps:
                 raise errors.InternalError(f"the export of disk {d.name!r} has no bitmap")
+            t = time.monotonic()
             src = backup_copy.connect_source(sock, d.name, (ctx,) if ctx else ())
             plans.append((d, src, backup_copy.plan_incremental(src, ctx) if ctx
                           else backup_copy.plan_full(src)))
+            log.debug("disk %s: %d extents, %d bytes to copy, planned in %.3f s", d.name,
+                      len(plans[-1][2]), backup_copy.data_bytes(plans[-1][2]),
+                      time.monotonic() - t)
         counter = Counter(progress, sum(backup_copy.data_bytes(p[2]) for p in plans))
         cancel = threading.Event()
 
