@@ -428,8 +428,7 @@ def _copy_all(directory: str, disks: list[_Disk], index: int, base: Optional[Poi
         return entries
     finally:
         for p in plans:
-            with contextlib.suppress(Exception):
-                p[1].shutdown()
+            backup_copy.close(p[1])
 
 
 def _run_tool(cmd: list[str]) -> str:

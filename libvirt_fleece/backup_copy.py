@@ -232,10 +232,18 @@ def data_bytes(extents: list[Extent]) -> int:
     return sum(e.length for e in extents if not e.zero)
 
 
+def pieces(offset: int, length: int, piece: int) -> Iterator[tuple[int, int]]:
+    """(offset, length) of [offset, offset + length) cut at every multiple of ``piece``."""
+    end = offset + length
+    while offset < end:
+        n = min(end, (offset // piece + 1) * piece) - offset
+        yield offset, n
+        offset += n
+
+
 def _chunks(extents: list[Extent], size: int) -> Iterator[Extent]:
     """Requests: data cut at every multiple of ``size`` (the digest's pieces),
     zeroes in requests of at most ZERO_SPAN."""
-    from .backup_digest import pieces
     for e in extents:
         for off, n in pieces(e.offset, e.length, ZERO_SPAN if e.zero else size):
             yield Extent(off, n, e.zero)

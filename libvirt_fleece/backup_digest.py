@@ -27,12 +27,10 @@ from __future__ import annotations
 import hashlib
 import struct
 import threading
-from typing import Iterator
 
-from . import errors
+from . import backup_copy as bc, errors
 
-MiB = 1 << 20
-PIECE = 4 * MiB
+PIECE = bc.REQUEST_SIZE     # 4 MiB: the copy's requests are the pieces
 ALGORITHM = "sha256-layer"      # the manifest's name for this scheme
 DEPTH = "qemu:allocation-depth"
 
@@ -66,16 +64,14 @@ class LayerDigest:
 
     def hexdigest(self) -> str:
         """The layer digest. Raises InternalError when records overlap."""
-        records: list[tuple[int, int, bytes, bytes]] = []
-        for offset, (length, digest) in self._data.items():
-            records.append((offset, length, b"D", digest))
+        zeros: list[tuple[int, int]] = []
         for offset, length in sorted(self._zero):
-            if records and records[-1][2] == b"Z" and records[-1][0] + records[-1][1] == offset:
-                last = records.pop()
-                records.append((last[0], last[1] + length, b"Z", b""))
+            if zeros and sum(zeros[-1]) == offset:
+                zeros[-1] = (zeros[-1][0], zeros[-1][1] + length)
             else:
-                records.append((offset, length, b"Z", b""))
-        records.sort()
+                zeros.append((offset, length))
+        records = sorted([(o, n, b"D", d) for o, (n, d) in self._data.items()] +
+                         [(o, n, b"Z", b"") for o, n in zeros])
         h = hashlib.sha256()
         end = 0
         for offset, length, kind, digest in records:
@@ -86,19 +82,9 @@ class LayerDigest:
         return h.hexdigest()
 
 
-def pieces(offset: int, length: int, piece: int = PIECE) -> Iterator[tuple[int, int]]:
-    """(offset, length) of [offset, offset + length) cut at every multiple of ``piece``."""
-    end = offset + length
-    while offset < end:
-        n = min(end, (offset // piece + 1) * piece) - offset
-        yield offset, n
-        offset += n
-
-
 def digest_file(path: str) -> str:
     """The layer digest of a qcow2 file, read through ``qemu-nbd`` (its backing files
     must be where its header says). Raises CopyError."""
-    from . import backup_copy as bc
     h = bc.connect_reader(path, (DEPTH,))
     try:
         size = h.get_size()

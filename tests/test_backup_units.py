@@ -48,10 +48,10 @@ def test_merge_joins_touching_extents_of_one_kind_and_refuses_mixed_overlap():
 
 
 def test_pieces_are_cut_at_every_multiple():
-    assert list(bd.pieces(3 * MiB, 6 * MiB)) == [(3 * MiB, MiB), (4 * MiB, 4 * MiB),
-                                                  (8 * MiB, MiB)]
-    assert list(bd.pieces(0, 4 * MiB)) == [(0, 4 * MiB)]
-    assert list(bd.pieces(5, 0)) == []
+    assert list(bc.pieces(3 * MiB, 6 * MiB, 4 * MiB)) == [(3 * MiB, MiB), (4 * MiB, 4 * MiB),
+                                                          (8 * MiB, MiB)]
+    assert list(bc.pieces(0, 4 * MiB, 4 * MiB)) == [(0, 4 * MiB)]
+    assert list(bc.pieces(5, 0, 4 * MiB)) == []
 
 
 def test_copy_requests_follow_the_piece_grid_and_split_long_zeroes():
