@@ -49,7 +49,7 @@ SIZES = {
     #        data written to sparse disks, guest write volume, latency repeats)
     "full": dict(data=2 * GiB, disk=8 * GiB, scattered=64 * MiB, chunk=64 * 1024,
                  sparse_small=16 * GiB, sparse_huge=1 << 40, sparse_data=256 * MiB,
-                 sparse_chunk=MiB, guest_write=512 * MiB, repeats=3, disks=(1, 4, 16),
+                 sparse_chunk=MiB, guest_write=512 * MiB, repeats=7, disks=(1, 4, 16),
                  checkpoints=100),
     "smoke": dict(data=64 * MiB, disk=256 * MiB, scattered=4 * MiB, chunk=64 * 1024,
                   sparse_small=1 * GiB, sparse_huge=64 * GiB, sparse_data=8 * MiB,

@@ -136,9 +136,8 @@ def _domain_disks(dom: libvirt.virDomain, wanted: Optional[list[str]]) -> list[_
 
 def _checkpoint_problem(dom: libvirt.virDomain, name: str) -> Optional[str]:
     """Why checkpoint ``name`` cannot be the base of an incremental (None: it can)."""
-    from . import checkpoints as cpmod
     try:
-        xml = cpmod.lookup(dom, name).getXMLDesc()
+        xml = checkpoints.BlockCheckpoint(dom, name).getXMLDesc()     # one call, not two
     except errors.NotFound:
         return (f"checkpoint {name} of the last backup no longer exists (deleted, or the "
                 f"domain's images were replaced)")
@@ -445,10 +444,10 @@ def _run_tool(cmd: list[str]) -> str:
 def _teardown(dom: libvirt.virDomain, name: str) -> None:
     """Stop the snapshot's exports and delete it; tolerate it being gone."""
     try:
-        snap = snapshots.lookup(dom, name)
+        snapshots.BlockSnapshot(dom, name).delete(        # one call, not lookup + delete
+            snapshots.VIR_DOMAIN_BLOCK_SNAPSHOT_DELETE_STOP_EXPORTS)
     except errors.NotFound:
-        return
-    snap.delete(snapshots.VIR_DOMAIN_BLOCK_SNAPSHOT_DELETE_STOP_EXPORTS)
+        pass
 
 
 def _cleanup(dom: Optional[libvirt.virDomain], directory: str, journal: Journal,

@@ -219,13 +219,36 @@ def plan_full(h: "nbd.NBD") -> list[Extent]:
 def plan_incremental(h: "nbd.NBD", bitmap_context: str) -> list[Extent]:
     """The dirty ranges: data to copy, or zeroes to write where they now read as zero."""
     size = h.get_size()
+    dirty = [(off, n) for off, n, flags in block_status(h, bitmap_context, 0, size) if flags & 1]
+    if not dirty:
+        return []
+    if len(dirty) > size // STATUS_SPAN + 1:   # fewer requests: one walk over the span
+        start, end = dirty[0][0], sum(dirty[-1])
+        status = [(off, n, bool(f & nbd.STATE_ZERO))
+                  for off, n, f in block_status(h, ALLOCATION, start, end)]
+    else:
+        status = [(off, n, bool(f & nbd.STATE_ZERO)) for d_off, d_n in dirty
+                  for off, n, f in block_status(h, ALLOCATION, d_off, d_off + d_n)]
+    return align(merge(intersect(dirty, status)), size)
+
+
+def intersect(ranges: list[tuple[int, int]], status: list[tuple[int, int, bool]]
+              ) -> list[Extent]:
+    """The parts of sorted (offset, length) ``ranges`` that sorted (offset, length,
+    zero) ``status`` covers, as extents with the status's zero flag."""
     out: list[Extent] = []
-    for off, length, flags in list(block_status(h, bitmap_context, 0, size)):
-        if not flags & 1:
-            continue
-        for aoff, alen, aflags in block_status(h, ALLOCATION, off, off + length):
-            out.append(Extent(aoff, alen, zero=bool(aflags & nbd.STATE_ZERO)))
-    return align(merge(out), size)
+    i = 0
+    for off, n, zero in status:
+        end = off + n
+        while i < len(ranges) and sum(ranges[i]) <= off:
+            i += 1
+        j = i
+        while j < len(ranges) and ranges[j][0] < end:
+            lo, hi = max(off, ranges[j][0]), min(end, sum(ranges[j]))
+            if lo < hi:
+                out.append(Extent(lo, hi - lo, zero))
+            j += 1
+    return out
 
 
 def data_bytes(extents: list[Extent]) -> int:

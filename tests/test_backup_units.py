@@ -47,6 +47,18 @@ def test_merge_joins_touching_extents_of_one_kind_and_refuses_mixed_overlap():
         bc.merge([E(0, 2 * C), E(C, C, zero=True)])
 
 
+def test_intersect_keeps_what_both_cover_with_the_status_zero_flag():
+    dirty = [(0, 2 * C), (4 * C, C), (8 * C, 4 * C)]
+    status = [(0, C, False), (C, 5 * C, True), (6 * C, 3 * C, False), (9 * C, 10 * C, True)]
+    assert bc.intersect(dirty, status) == [E(0, C), E(C, C, zero=True), E(4 * C, C, zero=True),
+                                           E(8 * C, C), E(9 * C, 3 * C, zero=True)]
+    assert bc.intersect(dirty, []) == [] and bc.intersect([], status) == []
+    # per-range status (the other way of asking) gives the same
+    per_range = [(0, C, False), (C, C, True), (4 * C, C, True), (8 * C, C, False),
+                 (9 * C, 3 * C, True)]
+    assert bc.intersect(dirty, per_range) == bc.intersect(dirty, status)
+
+
 def test_pieces_are_cut_at_every_multiple():
     assert list(bc.pieces(3 * MiB, 6 * MiB, 4 * MiB)) == [(3 * MiB, MiB), (4 * MiB, 4 * MiB),
                                                           (8 * MiB, MiB)]
