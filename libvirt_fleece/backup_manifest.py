@@ -199,10 +199,9 @@ def _open_for_hashing(path: str) -> int:
         return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
 
 
-def sha256_file(path: str, chunk: int = 8 << 20, readers: int = 1) -> str:
-    """SHA-256 of a file. ``readers`` threads read the chunks ahead, in parallel
-    (the disk answers two direct reads faster than one), while this thread hashes
-    them in order (hashlib drops the GIL). Raises OSError."""
+def sha256_file(path: str, chunk: int = 8 << 20) -> str:
+    """SHA-256 of a file (the checksum of format /1 manifests). A thread reads the
+    next chunk while this one hashes (hashlib drops the GIL). Raises OSError."""
     import collections
     import concurrent.futures
     import mmap
@@ -221,8 +220,8 @@ def sha256_file(path: str, chunk: int = 8 << 20, readers: int = 1) -> str:
                                          f"({got} of {want} bytes at offset {offset})")
             return got
 
-        with concurrent.futures.ThreadPoolExecutor(readers) as pool:
-            for _ in range(readers + 1):
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            for _ in range(2):
                 offset = next(offsets, None)
                 if offset is None:
                     break
