@@ -185,7 +185,7 @@ class Bench:
         self.cold()
         t = time.monotonic()
         run([self.vnb, "-d", self.name, "-l", level, "-i", "vda", "-o", out, "-n",
-             "-S", self.work])
+             "--scratchdir", self.work])   # not -S: --start-domain in virtnbdbackup 2.x
         return time.monotonic() - t
 
     def full_and_incremental(self) -> None:

@@ -10,7 +10,7 @@ packages=(libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients
           qemu-system-x86 qemu-utils libnbd-bin python3-libnbd nbdkit
           python3-libvirt python3-lxml python3-yaml python3-venv python3-pytest
           python3-setuptools python3-wheel attr busybox-static cpio xz-utils zstd
-          virtnbdbackup)
+          e2fsprogs virtnbdbackup)
 
 if [ "$(id -u)" != 0 ]; then
     echo "host-setup: run as root (it installs packages and starts libvirtd)" >&2

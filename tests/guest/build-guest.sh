@@ -71,14 +71,21 @@ BVERSION=$(dpkg-deb -f "$bdeb" Version)
 dpkg-deb -x "$kdeb" "$WORK/kernel"
 dpkg-deb -x "$bdeb" "$WORK/busybox"
 
-kvers=("$WORK"/kernel/lib/modules/*)
+# Debian 12 ships modules under lib/modules, Debian 13 (merged /usr) under usr/lib/modules.
+shopt -s nullglob
+kvers=("$WORK"/kernel/lib/modules/* "$WORK"/kernel/usr/lib/modules/*)
+shopt -u nullglob
 [[ ${#kvers[@]} == 1 && -d ${kvers[0]} ]] || die "expected one module tree in $KPKG"
 MODDIR=${kvers[0]}
 KVER=${MODDIR##*/}
 VMLINUZ=$WORK/kernel/boot/vmlinuz-$KVER
 [[ -f $VMLINUZ ]] || die "no /boot/vmlinuz-$KVER in $KPKG"
-BUSYBOX=$WORK/busybox/bin/busybox
-[[ -x $BUSYBOX ]] || die "no /bin/busybox in busybox-static"
+# Debian 12: /bin/busybox; Debian 13: /usr/bin/busybox.
+BUSYBOX=
+for b in "$WORK/busybox/bin/busybox" "$WORK/busybox/usr/bin/busybox"; do
+    [[ -x $b && ! -L $b ]] && { BUSYBOX=$b; break; }
+done
+[[ -n $BUSYBOX ]] || die "no /bin/busybox or /usr/bin/busybox in busybox-static"
 
 # --- resolve modules --------------------------------------------------------
 # The package has no modules.dep (depmod runs at install time): read the
