@@ -74,20 +74,33 @@ def remove_fdset(dom: libvirt.virDomain, fdset_id: int) -> None:
         qmp.execute(dom, "remove-fd", {"fdset-id": fdset_id})
 
 
-def add_fleece_node(dom: libvirt.virDomain, node: str, fdset_id: int) -> None:
-    """The fleece image as a qcow2 node, opened through the fdset (never by path)."""
-    qmp.execute(dom, "blockdev-add", {
+def add_fleece_node(dom: libvirt.virDomain, node: str, fdset_id: int,
+                    backing: Optional[str] = None) -> None:
+    """The fleece image as a qcow2 node, opened through the fdset (never by path).
+
+    With ``backing`` (the overlay read path) the image reads through to that
+    node wherever it holds no copied data; qemu's copy job then serializes its
+    copies with reads of the image (block-copy's "fleecing" mode)."""
+    args: dict = {
         "driver": "qcow2", "node-name": node, "discard": "unmap",
         "file": {"driver": "file", "node-name": node + "f",
-                 "filename": f"/dev/fdset/{fdset_id}"}})
+                 "filename": f"/dev/fdset/{fdset_id}"}}
+    if backing is not None:
+        args["backing"] = backing
+    qmp.execute(dom, "blockdev-add", args)
 
 
-def add_filter(dom: libvirt.virDomain, node: str, below: str, target: str) -> None:
-    """A copy-before-write filter that never fails guest writes: a full fleece breaks
-    the snapshot (its reads fail) instead of the guest's write."""
+def add_filter(dom: libvirt.virDomain, node: str, below: str, target: str,
+               break_guest_write: bool = False) -> None:
+    """A copy-before-write filter.
+
+    By default it never fails guest writes: a full fleece breaks the snapshot
+    (reads through snapshot-access fail) instead of the guest's write. The
+    overlay read path cannot see a broken snapshot, so there a failed copy
+    must fail the guest's write (``break_guest_write``)."""
     qmp.execute(dom, "blockdev-add", {
-        "driver": "copy-before-write", "node-name": node, "file": below,
-        "target": target, "on-cbw-error": "break-snapshot"})
+        "driver": "copy-before-write", "node-name": node, "file": below, "target": target,
+        "on-cbw-error": "break-guest-write" if break_guest_write else "break-snapshot"})
 
 
 def add_access(dom: libvirt.virDomain, node: str, filter_node: str) -> None:

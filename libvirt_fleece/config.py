@@ -16,6 +16,17 @@ Keys and defaults::
     hook_log_file: /var/log/libvirt-fleece/hook.log   # hook log when there is no syslog
     hook_log_level: info                   # debug, info, warning or error
     hook_reconcile_timeout: 60.0           # seconds the hook's worker waits for libvirt
+    fleece_size_limit: null                # default size limit of every fleece image (bytes)
+    fleece_min_free: 262144                # below this many free bytes a snapshot breaks
+    read_path: auto                        # auto (self-test per qemu) or overlay (always)
+    overlay_size_limit: null               # limit of overlay snapshots without one (bytes);
+                                           # null: half the free space, shared by the images
+
+On a QEMU whose snapshot-access reads are wrong (7.2; see readpath.py),
+snapshots use the overlay read path, where a copy that cannot be written
+fails the guest's write: every such snapshot gets a size limit
+(``<sizeLimit>``, else ``fleece_size_limit``, else ``overlay_size_limit``),
+its free space is checked at creation, and the watcher breaks it at the limit.
 """
 
 from __future__ import annotations
@@ -47,6 +58,8 @@ class Config:
     hook_log_file: str = "/var/log/libvirt-fleece/hook.log"
     hook_log_level: str = "info"
     hook_reconcile_timeout: float = 60.0
+    read_path: str = "auto"
+    overlay_size_limit: Optional[int] = None
 
     def validate(self) -> None:
         """Raises InvalidArgument for an unusable value."""
@@ -65,6 +78,14 @@ class Config:
                 not isinstance(self.fleece_size_limit, int) or self.fleece_size_limit < 1 << 20):
             raise errors.InvalidArgument(
                 "configuration key 'fleece_size_limit' must be a number of bytes >= 1048576")
+        if self.overlay_size_limit is not None and (
+                not isinstance(self.overlay_size_limit, int) or isinstance(
+                    self.overlay_size_limit, bool) or self.overlay_size_limit < 1 << 20):
+            raise errors.InvalidArgument(
+                "configuration key 'overlay_size_limit' must be a number of bytes >= 1048576")
+        if self.read_path not in ("auto", "overlay"):
+            raise errors.InvalidArgument(
+                "configuration key 'read_path' must be auto or overlay")
         if not isinstance(self.fleece_min_free, int) or self.fleece_min_free < 0:
             raise errors.InvalidArgument(
                 "configuration key 'fleece_min_free' must be a number of bytes >= 0")

@@ -21,7 +21,7 @@ from typing import Optional
 
 import libvirt
 
-from . import bitmaps, blockgraph, checkpoints, documents, errors, metadata, tls
+from . import bitmaps, blockgraph, checkpoints, documents, errors, metadata, readpath, tls
 from .config import Config
 from .documents import Address
 from .faults import killpoint
@@ -227,6 +227,7 @@ def _plan_exports(sess: Session, spec: documents.ExportSpec
         if snap.state == metadata.BROKEN:
             raise errors.OperationInvalid(
                 f"snapshot {snap.name!r} is broken and cannot be read: {snap.reason}")
+        _check_read_path(sess, snap)
         index, disk = next(((i, d) for i, d in enumerate(snap.disks) if d.name == ds.name),
                            (None, None))
         if disk is None:
@@ -249,8 +250,22 @@ def _plan_exports(sess: Session, spec: documents.ExportSpec
             rec.bitmap = f"{blockgraph.PREFIX}{snap.id}-{index}-bm{serial}"
             actions = checkpoints.export_bitmap_actions(sess, snap, disk, ds.checkpoint,
                                                         rec.bitmap)
-        planned.append((rec, disk.access_node, actions))
+        planned.append((rec, snap.export_node(disk), actions))
     return planned
+
+
+def _check_read_path(sess: Session, snap: metadata.SnapshotRecord) -> None:
+    """Refuse to export a snapshot-access snapshot on a qemu whose such reads are wrong.
+
+    Raises OperationInvalid."""
+    if snap.readpath != readpath.SNAPSHOT_ACCESS:
+        return
+    found = readpath.verdict(sess.dom, sess.cfg.state_dir)
+    if found.readpath != readpath.SNAPSHOT_ACCESS:
+        raise errors.OperationInvalid(
+            f"snapshot {snap.name!r} reads through snapshot-access, which serves live data on "
+            f"this qemu ({found.reason}); it was made by an older libvirt-fleece: delete it "
+            f"and take a new one")
 
 
 def start(dom: libvirt.virDomain, xmlDesc: str, flags: int = 0) -> None:
@@ -353,5 +368,10 @@ def list_all(dom: libvirt.virDomain, flags: int = 0) -> list[str]:
             return []
         return [documents.export_list_document(_server_address(server), [
             {"name": e.disk, "snapshot": e.snapshot, "checkpoint": e.checkpoint,
-             "exportname": e.name, "bitmap": e.bitmap}
+             "exportname": e.name, "bitmap": e.bitmap, "readPath": _read_path_of(sess, e)}
             for e in server.exports])]
+
+
+def _read_path_of(sess: Session, rec: ExportRecord) -> Optional[str]:
+    snap = sess.state.snapshot(rec.snapshot)
+    return snap.readpath if snap is not None else None

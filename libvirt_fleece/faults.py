@@ -16,6 +16,7 @@ ENV = "LIBVIRT_FLEECE_KILL_AT"
 
 # Every kill point, in the order the operations reach them.
 KILL_POINTS = (
+    "readpath:self-test-started",
     "snapshot-create:recorded",
     "snapshot-create:file-created",
     "snapshot-create:fd-added",
@@ -24,7 +25,7 @@ KILL_POINTS = (
     "snapshot-create:guest-paused",
     "snapshot-create:bitmaps-changed",
     "snapshot-create:filter-inserted",
-    "snapshot-create:access-node-added",
+    "snapshot-create:read-path-built",
     "snapshot-create:ready",
     "snapshot-delete:recorded",
     "snapshot-delete:access-node-removed",

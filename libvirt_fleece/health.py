@@ -2,9 +2,14 @@
 """Is each snapshot still the disk at its instant? Break it cleanly when not.
 
 A snapshot breaks when its fleece image cannot take the old data a guest
-write displaces. The copy-before-write filter (on-cbw-error=break-snapshot)
-then keeps the guest writing and makes every read of the snapshot fail;
-qemu has no query for that state, so the plugin also judges it from outside,
+write displaces. On the snapshot-access read path the copy-before-write
+filter (on-cbw-error=break-snapshot) then keeps the guest writing and makes
+every read of the snapshot fail. On the overlay read path (QEMU 7.2, see
+:mod:`.readpath`) nothing could make the reads fail, so the filter fails the
+guest's write instead; every such snapshot has a size limit well below the
+free space, and breaking it at the limit takes the filter off before the
+storage fills. qemu has no query for a broken snapshot, so the plugin judges
+it from outside,
 whenever it looks at a domain (every API call, and the watcher process on
 qemu's BLOCK_WRITE_THRESHOLD event):
 
@@ -25,7 +30,7 @@ import logging
 import os
 from typing import Optional
 
-from . import blockgraph, exports, metadata, qmp
+from . import blockgraph, exports, metadata, qmp, readpath
 from .metadata import SnapshotRecord
 from .session import Session
 
@@ -67,11 +72,21 @@ def break_snapshot(sess: Session, rec: SnapshotRecord, reason: str) -> None:
     log.error("domain %s: snapshot %s is broken: %s", sess.dom.name(), rec.name, reason)
     users = [e for e in sess.state.exports() if e.snapshot == rec.name]
     exports.stop_exports(sess, users, force=True)
-    stacked = any(d.below == mine.filter_node for s in sess.state.snapshots
+    above = [s for s in sess.state.snapshots if s is not rec and s.state != metadata.BROKEN
+             and any(d.below == mine.filter_node for d in s.disks for mine in rec.disks)]
+    if above and rec.readpath == readpath.OVERLAY:
+        # its filter must come off, or it keeps copying (and would fail guest writes
+        # once the storage is full): the newer snapshots sitting on it go first
+        for newer in reversed(above):
+            break_snapshot(sess, newer, f"snapshot {rec.name!r} below it broke ({reason}); "
+                                        f"on this QEMU the snapshots above a broken one "
+                                        f"are removed with it")
+    nodes = blockgraph.node_names(sess.dom)
+    stacked = any(d.below == mine.filter_node and d.filter_node in nodes
+                  for s in sess.state.snapshots if s is not rec
                   for d in s.disks for mine in rec.disks)
     if stacked:
         # a newer snapshot's filter sits on ours: only the access node can go now
-        nodes = blockgraph.node_names(sess.dom)
         for d in rec.disks:
             blockgraph.remove_node(sess.dom, d.access_node, nodes)
     else:

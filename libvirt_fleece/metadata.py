@@ -75,10 +75,20 @@ class SnapshotRecord:
     checkpoint_seq: int = 0
     limit: Optional[int] = None        # bytes each fleece image may grow to
     reason: Optional[str] = None       # why a broken snapshot broke
+    readpath: str = "snapshot-access"  # how exports read it (see readpath.py); absent: 0.1.x
     disks: list[DiskRecord] = dataclasses.field(default_factory=list)
 
     def disk(self, name: str) -> Optional[DiskRecord]:
         return next((d for d in self.disks if d.name == name), None)
+
+    def needed_nodes(self) -> set[str]:
+        """The qemu nodes a ready snapshot of this read path consists of."""
+        return {n for d in self.disks for n in (d.filter_node, d.fleece_node) +
+                ((d.access_node,) if self.readpath == "snapshot-access" else ())}
+
+    def export_node(self, disk: DiskRecord) -> str:
+        """The node an export of ``disk`` serves."""
+        return disk.access_node if self.readpath == "snapshot-access" else disk.fleece_node
 
 
 @dataclasses.dataclass
@@ -119,7 +129,7 @@ class State:
 
 _DISK_ATTRS = {"fleece_node": "fleece-node", "filter_node": "filter-node",
                "access_node": "access-node", "anchor_seq": "anchor-seq",
-               "checkpoint_seq": "checkpoint-seq"}
+               "checkpoint_seq": "checkpoint-seq", "readpath": "read-path"}
 
 
 def _attr_name(field: str) -> str:

@@ -20,7 +20,7 @@ import logging
 import os
 import stat
 
-from . import blockgraph, errors, fleecefile, metadata, qmp
+from . import blockgraph, errors, fleecefile, metadata, qmp, readpath
 from .session import Session
 
 log = logging.getLogger(__name__)
@@ -36,8 +36,7 @@ def _drop_stale_records(sess: Session, nodes: set[str], export_ids: set[str]) ->
             state.server.exports.remove(e)
             done.append(f"dropped record of export {e.name} (not in qemu)")
     for snap in [s for s in state.snapshots if s.state == metadata.READY]:
-        needed = {n for d in snap.disks for n in (d.access_node, d.filter_node, d.fleece_node)}
-        if needed <= nodes:
+        if snap.needed_nodes() <= nodes:
             continue
         snapshots.teardown(sess, snap)
         state.snapshots.remove(snap)
@@ -111,6 +110,8 @@ def sweep(sess: Session) -> list[str]:
     done += _stop_orphan_server(sess, removed_exports=any("export" in d for d in done))
     orphans = {n for n in blockgraph.node_names(dom)
                if n.startswith(blockgraph.PREFIX) and n not in wanted_nodes}
+    if any(n.startswith(readpath.SCRATCH_PREFIX) for n in orphans):
+        done += readpath.remove_leftover_jobs(dom)   # a killed self-test's job holds them
     if orphans:
         done += _remove_orphan_nodes(sess, orphans)
     wanted_fdsets = {d.fdset for s in state.snapshots for d in s.disks}

@@ -21,11 +21,12 @@ import logging
 import os
 import time
 import uuid as uuidlib
+from typing import Optional
 
 import libvirt
 
 from . import (bitmaps, blockgraph, checkpoints, documents, errors, fleecefile, health,
-               metadata, pauseguard, virt, watcher)
+               metadata, pauseguard, readpath, virt, watcher)
 from .faults import killpoint
 from .flags import check_flags
 from .handle import NamedHandle
@@ -165,10 +166,50 @@ def _plan(sess: Session, spec: documents.SnapshotSpec,
             fdset=fdset, capacity=ld.capacity, **blockgraph.disk_node_names(sid, index)))
     rec = SnapshotRecord(name=name, id=sid, state=metadata.CREATING,
                          created=int(time.time()), disks=records)
+    rec.readpath = readpath.choose(dom, sess.cfg.state_dir, sess.cfg.read_path).readpath
+    rec.limit = _size_limit(sess, rec, spec.size_limit or sess.cfg.fleece_size_limit)
     cps = checkpoints.scan(sess, live)
     actions = checkpoints.plan_snapshot(sess, rec, {ld.name: ld for ld in live}, cps,
                                         make_checkpoint)
     return rec, actions
+
+
+def _size_limit(sess: Session, rec: SnapshotRecord, asked: Optional[int]) -> Optional[int]:
+    """The snapshot's size limit; on the overlay read path there always is one.
+
+    Each fleece image may grow to the limit; the images' filesystems must have
+    room for all of them above ``fleece_min_free``, or the overlay snapshot is
+    refused (a full fleece would fail the guest's writes there). Without a
+    configured limit, an overlay snapshot gets ``overlay_size_limit`` or half of
+    the free space, shared by its images on each filesystem. Raises
+    OperationInvalid when there is not enough room.
+    """
+    if rec.readpath != readpath.OVERLAY:
+        return asked
+    by_fs: dict[int, list[str]] = {}
+    for d in rec.disks:
+        directory = os.path.dirname(d.file)
+        by_fs.setdefault(os.stat(directory).st_dev, []).append(directory)
+    limit = asked or sess.cfg.overlay_size_limit
+    for dirs in by_fs.values():
+        st = os.statvfs(dirs[0])
+        room = st.f_bavail * st.f_frsize - sess.cfg.fleece_min_free
+        fit = room // len(dirs)
+        if limit is None:
+            per_image = fit // 2
+            if per_image < 1 << 20:
+                raise errors.OperationInvalid(
+                    f"only {max(room, 0)} bytes are free for fleece images in {dirs[0]}: on "
+                    f"this QEMU a snapshot needs room for its size limit (see "
+                    f"overlay_size_limit); free space or choose another fleece directory")
+            limit = per_image if limit is None else min(limit, per_image)
+        elif limit > fit:
+            raise errors.OperationInvalid(
+                f"the size limit of {limit} bytes per fleece image does not fit in {dirs[0]} "
+                f"({max(room, 0)} bytes free above fleece_min_free for {len(dirs)} image(s)): "
+                f"on this QEMU a full fleece would fail the guest's writes; free space, "
+                f"lower the limit or choose another fleece directory")
+    return limit
 
 
 def _switch(sess: Session, rec: SnapshotRecord, actions: list[dict]) -> None:
@@ -230,15 +271,19 @@ def _build(sess: Session, rec: SnapshotRecord, actions: list[dict]) -> None:
         for fd in fds:
             os.close(fd)
     killpoint("snapshot-create:fd-added")
+    overlay = rec.readpath == readpath.OVERLAY
     for d in rec.disks:
-        blockgraph.add_fleece_node(dom, d.fleece_node, d.fdset)
+        blockgraph.add_fleece_node(dom, d.fleece_node, d.fdset,
+                                   backing=d.below if overlay else None)
         killpoint("snapshot-create:fleece-node-added")
-        blockgraph.add_filter(dom, d.filter_node, d.below, d.fleece_node)
+        blockgraph.add_filter(dom, d.filter_node, d.below, d.fleece_node,
+                              break_guest_write=overlay)
         killpoint("snapshot-create:filter-added")
     _insert_filters(sess, rec, actions)
-    for d in rec.disks:
-        blockgraph.add_access(dom, d.access_node, d.filter_node)
-        killpoint("snapshot-create:access-node-added")
+    if not overlay:
+        for d in rec.disks:
+            blockgraph.add_access(dom, d.access_node, d.filter_node)
+    killpoint("snapshot-create:read-path-built")
 
 
 def teardown(sess: Session, rec: SnapshotRecord, killpoints: bool = False) -> None:
@@ -277,7 +322,6 @@ def create(dom: libvirt.virDomain, xmlDesc: str, flags: int = 0) -> BlockSnapsho
     spec = documents.parse_snapshot(xmlDesc)
     with open_session(dom) as sess:
         rec, actions = _plan(sess, spec, bool(flags & VIR_DOMAIN_BLOCK_SNAPSHOT_CREATE_CHECKPOINT))
-        rec.limit = spec.size_limit or sess.cfg.fleece_size_limit
         sess.state.snapshots.append(rec)
         sess.save()
         killpoint("snapshot-create:recorded")

@@ -83,5 +83,6 @@ def plugin_leftovers(dom) -> dict:
         "exports": [e["id"] for e in q("query-block-exports")],
         "drives": [b["inserted"]["node-name"] for b in q("query-block")
                    if b.get("inserted") and b["inserted"]["node-name"].startswith("fleece-")],
+        "jobs": [j["id"] for j in q("query-jobs") if j["id"].startswith("fleece-")],
     }
     return {k: v for k, v in left.items() if v}
