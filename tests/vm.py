@@ -30,12 +30,29 @@ MiB = 1 << 20
 
 def kvm_usable() -> bool:
     return os.path.exists("/dev/kvm") and os.access("/dev/kvm", os.R_OK | os.W_OK) and \
-        (os.stat("/dev/kvm").st_mode & 0o060) == 0o060
+        (os.stat("/dev/kvm").st_mode & 0o060) == 0o060 and _qemu_user_in_kvm_group()
+
+
+def _qemu_user_in_kvm_group() -> bool:
+    """Whether qemu's user (libvirt-qemu) is in /dev/kvm's group (the group can change under
+    us, e.g. to a gid of another root's kvm group); True when there is no such user."""
+    import grp
+    import pwd
+    try:
+        user = pwd.getpwnam("libvirt-qemu")
+    except KeyError:
+        return True
+    gid = os.stat("/dev/kvm").st_gid
+    try:
+        return gid == user.pw_gid or user.pw_name in grp.getgrgid(gid).gr_mem
+    except KeyError:
+        return False
 
 
 def domain_xml(name: str, disks: list[dict], kernel: Optional[dict] = None,
-               memory_mib: int = 64, cdrom: bool = False) -> str:
-    """A small domain; each disk dict has path, format, dev (vda...)."""
+               memory_mib: int = 64, cdrom: bool = False, discard: bool = False) -> str:
+    """A small domain; each disk dict has path, format, dev (vda...). ``discard``:
+    pass guest discards down (discard='unmap'; libvirt ignores them by default)."""
     # The kernel guest gets TCG: on nested/paravirtual KVM hosts (like CI here) the
     # Debian kernel hits "KVM internal error ... emulation failure" (tests/guest/README.md).
     dtype = "kvm" if kvm_usable() and not kernel else "qemu"
@@ -43,9 +60,10 @@ def domain_xml(name: str, disks: list[dict], kernel: Optional[dict] = None,
     if kernel:
         os_extra = (f"<kernel>{kernel['kernel']}</kernel><initrd>{kernel['initrd']}</initrd>"
                     f"<cmdline>{kernel['cmdline']}</cmdline>")
+    unmap = " discard='unmap'" if discard else ""
     disk_xml = "".join(
         f"""<disk type='file' device='disk'>
-              <driver name='qemu' type='{d["format"]}' cache='none'/>
+              <driver name='qemu' type='{d["format"]}' cache='none'{unmap}/>
               <source file='{d["path"]}'/><target dev='{d["dev"]}' bus='virtio'/>
             </disk>""" for d in disks)
     if cdrom:
@@ -69,7 +87,7 @@ class TestVM:
 
     def __init__(self, conn: libvirt.virConnect, disks: int = 1, size_mib: int = 64,
                  fmt: str = "qcow2", kernel: Optional[dict] = None, tag: str = "",
-                 cdrom: bool = False, persistent: bool = False) -> None:
+                 cdrom: bool = False, persistent: bool = False, discard: bool = False) -> None:
         self.conn = conn
         self.name = f"{PREFIX}{tag}{secrets.token_hex(4)}"
         self.dir = os.path.join(IMAGE_ROOT, self.name)
@@ -84,11 +102,12 @@ class TestVM:
         self.kernel = kernel
         self.cdrom = cdrom
         self.persistent = persistent
+        self.discard = discard
         self.dom: Optional[libvirt.virDomain] = None
 
     def start(self) -> libvirt.virDomain:
         xml = domain_xml(self.name, self.disks, self.kernel, cdrom=self.cdrom,
-                         memory_mib=128 if self.kernel else 64)
+                         memory_mib=128 if self.kernel else 64, discard=self.discard)
         if self.persistent:
             self.dom = self.conn.defineXML(xml)
             self.dom.create()
