@@ -8,6 +8,7 @@
     backup.restore("/srv/backup/web1", "vda", "/tmp/vda.qcow2", point=0)
     backup.info("/srv/backup/web1").points
     backup.verify("/srv/backup/web1").ok
+    backup.point_warnings(backup.info("/srv/backup/web1"))     # points to take again
 
 Each backup takes a block snapshot with a checkpoint (named
 ``backup-<UTC time>``), exports it read-only on a unix socket in a fresh
@@ -20,6 +21,11 @@ disk in the image); delete them with ``blockCheckpointList`` /
 ``BlockCheckpoint.delete`` or ``virsh-fleece blockcheckpoint-delete`` when
 you no longer want incrementals from them. Only the newest point's
 checkpoint is needed for the next incremental.
+
+Each point records what wrote it (plugin and qemu version, read path; see
+:mod:`.backup_writer`); ``info`` callers and ``verify`` get a warning for each
+point an affected version wrote, and ``auto`` takes a full backup rather than
+build on such a point.
 
 The directory layout is described in :mod:`.backup_manifest`.
 """
@@ -42,13 +48,16 @@ from typing import Optional
 import libvirt
 from lxml import etree
 
-from . import backup_copy, checkpoints, disks as disklib, errors, exports, fsutil, snapshots, virt
+from . import __version__
+from . import (backup_copy, checkpoints, disks as disklib, errors, exports, fsutil, qmp,
+               snapshots, virt)
 from .backup_copy import Cancelled, CopyError
 from .backup_digest import LayerDigest, digest_file
 from .backup_guard import Guard
 from .backup_manifest import (BackupBusy, BackupCorrupt, BackupTargetError, DirLock, DiskEntry,
-                              Journal, Manifest, Point)
+                              Journal, Manifest, Point, Writer)
 from .backup_progress import Counter, ProgressCallback, ProgressEvent
+from .backup_writer import point_warnings, suspect_reason
 from . import backup_manifest as mf
 
 log = logging.getLogger(__name__)
@@ -56,9 +65,9 @@ log = logging.getLogger(__name__)
 MODES = ("auto", "full", "incremental")
 NAME_PREFIX = "backup-"
 
-__all__ = ["backup", "restore", "info", "verify", "recover", "BackupResult", "VerifyReport",
-           "BackupTargetError", "BackupBusy", "BackupCorrupt", "NoValidChain", "CopyError",
-           "Cancelled", "ProgressEvent"]
+__all__ = ["backup", "restore", "info", "verify", "recover", "point_warnings", "BackupResult",
+           "VerifyReport", "BackupTargetError", "BackupBusy", "BackupCorrupt", "NoValidChain",
+           "CopyError", "Cancelled", "ProgressEvent"]
 
 
 class NoValidChain(errors.OperationInvalid):
@@ -82,8 +91,12 @@ class BackupResult:
 
 @dataclasses.dataclass
 class VerifyReport:
+    """``problems``: files that do not match the manifest (``ok`` is False).
+    ``warnings``: points whose files match but that an affected version wrote
+    (:func:`point_warnings`); they do not make the report fail."""
     checked: list[str]
     problems: list[str]
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -177,6 +190,8 @@ def _decide(dom: libvirt.virDomain, directory: str, manifest: Manifest, disks: l
                 problem = f"files of point {last.index} are missing: {', '.join(missing)}"
         if problem is None:
             problem = _checkpoint_problem(dom, last.checkpoint)
+    if problem is None and mode == "auto":
+        problem = suspect_reason(manifest, last)    # a fresh full one rather than build on it
     if problem is None:
         return ("incremental", f"checkpoint {last.checkpoint} of point {last.index} is valid",
                 last)
@@ -205,14 +220,51 @@ def _export_xml(sock: str, name: str, disks: list[_Disk], base: Optional[Point])
     return etree.tostring(root, encoding="unicode")
 
 
-def _bitmaps(dom: libvirt.virDomain, snapshot: str) -> dict[str, str]:
-    """Disk -> dirty bitmap name of our exports (from blockExportList's live document)."""
+def _exported(dom: libvirt.virDomain, snapshot: str) -> dict[str, dict[str, str]]:
+    """Disk -> the attributes of its <disk> in blockExportList's live document, for
+    the exports of ``snapshot`` (one call serves the bitmaps and the read path).
+    Raises the plugin's export errors."""
     out = {}
     for doc in exports.list_all(dom):
         for d in etree.fromstring(doc.encode()).findall("disk"):
-            if d.get("snapshot") == snapshot and d.get("bitmap"):
-                out[d.get("name")] = d.get("bitmap")
+            if d.get("snapshot") == snapshot and d.get("name"):
+                out[d.get("name")] = dict(d.attrib)
     return out
+
+
+def _bitmaps(exported: dict[str, dict[str, str]]) -> dict[str, str]:
+    """Disk -> dirty bitmap name of our exports."""
+    return {name: a["bitmap"] for name, a in exported.items() if a.get("bitmap")}
+
+
+def _read_path(exported: dict[str, dict[str, str]]) -> Optional[str]:
+    """How the exports read the snapshot (their ``readPath``): one value when all
+    disks agree, "vda=overlay, vdb=snapshot-access" when not, None when no export
+    says (versions whose exports do not record it)."""
+    paths = {name: a.get("readPath") for name, a in sorted(exported.items())}
+    if not any(paths.values()):
+        return None
+    if len(set(paths.values())) == 1:
+        return next(iter(paths.values()))
+    return ", ".join(f"{name}={path or 'unknown'}" for name, path in paths.items())
+
+
+def _qemu_version(dom: libvirt.virDomain) -> Optional[str]:
+    """The domain's qemu version from ``query-version`` ("7.2.22"); None, logged,
+    when qemu cannot be asked (the record is informational; the backup goes on)."""
+    try:
+        v = qmp.execute(dom, "query-version")["qemu"]
+        return f"{int(v['major'])}.{int(v['minor'])}.{int(v['micro'])}"
+    except (errors.Error, KeyError, TypeError, ValueError) as e:
+        log.warning("cannot ask domain %s for its qemu version (%s); the backup point "
+                    "records none", dom.name(), e)
+        return None
+
+
+def _writer_info(dom: libvirt.virDomain, exported: dict[str, dict[str, str]]) -> Writer:
+    """The point's writer record: this package, the domain's qemu, the read path."""
+    return Writer(libvirt_fleece=__version__, qemu=_qemu_version(dom),
+                  read_path=_read_path(exported))
 
 
 @contextlib.contextmanager
@@ -323,7 +375,9 @@ def _run(dom: libvirt.virDomain, directory: str, manifest: Manifest, disks: list
                 journal.snapshot = journal.checkpoint = name
                 journal.save(directory)
         exports.start(dom, _export_xml(sock, name, disks, base))
-        bitmaps = _bitmaps(dom, name) if base is not None else {}
+        exported = _exported(dom, name)
+        bitmaps = _bitmaps(exported) if base is not None else {}
+        writer = _writer_info(dom, exported)
         t_setup = time.monotonic()
         entries = _copy_all(directory, disks, index, base, sock, bitmaps, progress,
                             in_flight)
@@ -332,7 +386,8 @@ def _run(dom: libvirt.virDomain, directory: str, manifest: Manifest, disks: list
         log.debug("backup %s: set-up %.2f s, copy %.2f s, teardown %.2f s",
                   name, t_setup - started, t_copy - t_setup, time.monotonic() - t_copy)
         point = Point(index=index, time=when, mode=mode, checkpoint=name, disks=entries,
-                      reason=reason, duration=round(time.monotonic() - started, 3))
+                      reason=reason, duration=round(time.monotonic() - started, 3),
+                      writer=writer)
         manifest.points.append(point)
         mf.save(directory, manifest)       # from here on the point exists (roll forward)
         committed = True
@@ -531,7 +586,9 @@ def info(target_dir: str) -> Manifest:
 
 
 def verify(target_dir: str) -> VerifyReport:
-    """Check every file of every point against the manifest (checksum, size, backing)."""
+    """Check every file of every point against the manifest (checksum, size, backing),
+    and warn about the points an affected version wrote (which a matching checksum
+    cannot prove right). Raises BackupTargetError, BackupCorrupt."""
     directory = mf.check_target(target_dir, create=False)
     manifest = info(directory)
     checked, problems = [], []
@@ -546,7 +603,7 @@ def verify(target_dir: str) -> VerifyReport:
             if not found:
                 found = _check_content(p, d, path)
             problems += found
-    return VerifyReport(checked=checked, problems=problems)
+    return VerifyReport(checked=checked, problems=problems, warnings=point_warnings(manifest))
 
 
 def _matches(d: DiskEntry, path: str) -> bool:

@@ -13,6 +13,11 @@ name) and ``manifest.json``::
 
 Each disk of a point records ``layer_sha256``, the digest of what its file
 holds of the disk (:mod:`.backup_digest`), computed while the data is copied.
+Points written since 0.2.0 record their ``writer`` (:class:`Writer`): the
+plugin's version, qemu's version and the read path of the snapshot exports.
+The field is optional within format /2: points written before have none, and
+readers that do not know it (0.1.x) read everything else unchanged; see
+:mod:`.backup_writer` for what a missing record means.
 
 Files are written as ``NAME.part`` and renamed into place only after their
 data is complete and flushed and the manifest lists them. The journal names
@@ -73,6 +78,34 @@ class DiskEntry:
 
 
 @dataclasses.dataclass
+class Writer:
+    """What wrote a point: this package's version, the domain's qemu version
+    (``query-version``, such as "7.2.22"; None when it could not be asked) and how
+    the snapshots were read ("overlay", "snapshot-access"; None when the export did
+    not say)."""
+    libvirt_fleece: str
+    qemu: Optional[str] = None
+    read_path: Optional[str] = None
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def from_json(data: Any) -> Optional["Writer"]:
+        """The record of a manifest, None when it is missing or unusable (a point
+        without a usable record is treated as one written by 0.1.x)."""
+        if not isinstance(data, dict) or not isinstance(data.get("libvirt_fleece"), str):
+            return None
+        return Writer(libvirt_fleece=data["libvirt_fleece"],
+                      qemu=_optional_str(data.get("qemu")),
+                      read_path=_optional_str(data.get("read_path")))
+
+
+def _optional_str(value: Any) -> Optional[str]:
+    return value if isinstance(value, str) else None
+
+
+@dataclasses.dataclass
 class Point:
     index: int
     time: str               # UTC, ISO 8601
@@ -81,6 +114,7 @@ class Point:
     disks: list[DiskEntry]
     reason: str = ""
     duration: float = 0.0
+    writer: Optional[Writer] = None     # None: written before 0.2.0 (no record)
 
     def disk(self, name: str) -> Optional[DiskEntry]:
         return next((d for d in self.disks if d.name == name), None)
@@ -88,6 +122,10 @@ class Point:
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
         d["disks"] = [x.to_json() for x in self.disks]
+        if self.writer is None:
+            del d["writer"]             # never invent a record for an old point
+        else:
+            d["writer"] = self.writer.to_json()
         return d
 
 
@@ -146,6 +184,7 @@ def _from_json(data: Any, path: str) -> Manifest:
                 index=int(p["index"]), time=p["time"], mode=p["mode"],
                 checkpoint=p["checkpoint"], reason=p.get("reason", ""),
                 duration=float(p.get("duration", 0.0)),
+                writer=Writer.from_json(p.get("writer")),
                 disks=[DiskEntry(name=d["name"], file=d["file"], size=int(d["size"]),
                                  copied=int(d["copied"]),
                                  layer_sha256=_checksum(d, "layer_sha256", "sha256"),

@@ -320,3 +320,71 @@ def test_bench_smoke_runs():
                        capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "full backup" in r.stdout and "ratio" in r.stdout
+
+
+def qemu_version(dom):
+    """The domain's qemu version, asked here without the plugin."""
+    reply = json.loads(libvirt_qemu.qemuMonitorCommand(dom, '{"execute": "query-version"}', 0))
+    v = reply["return"]["qemu"]
+    return f"{v['major']}.{v['minor']}.{v['micro']}"
+
+
+def cli_lines(*args):
+    r = subprocess.run([CLI, *args], capture_output=True, text=True)
+    return r.returncode, r.stdout, [line for line in r.stdout.splitlines()
+                                    if line.startswith("WARNING:")]
+
+
+def test_points_record_their_writer_and_old_ones_are_warned_about(make_vm, target, tmp_path):
+    """Issue #10: points of 0.1.x may be wrong on QEMU < 8.0; info and verify say so."""
+    t = make_vm(disks=1, size_mib=64)
+    t.write("vda", 0x81, 0, MiB)
+    bk.backup(t.dom, target)
+    t.write("vda", 0x82, 4 * MiB, MiB)
+    assert bk.backup(t.dom, target).mode == "incremental"
+    path = os.path.join(target, mf.MANIFEST)
+    with open(path) as f:
+        data = json.load(f)
+    assert data["format"] == "libvirt-fleece-backup/2"
+    for p in data["points"]:
+        writer = p["writer"]
+        assert set(writer) == {"libvirt_fleece", "qemu", "read_path"}
+        assert writer["libvirt_fleece"] == lf.__version__ == "0.2.0"
+        assert writer["qemu"] == qemu_version(t.dom)
+        assert writer["read_path"] in ("overlay", "snapshot-access"), writer    # readPath
+    assert bk.point_warnings(bk.info(target)) == []
+    report = bk.verify(target)
+    assert report.ok and report.warnings == []
+    for cmd in ("info", "verify"):
+        rc, out, warned = cli_lines(cmd, target)
+        assert rc == 0 and warned == [], out
+
+    # point 0 as 0.1.0 wrote it: no writer record
+    del data["points"][0]["writer"]
+    with open(path, "w") as f:
+        json.dump(data, f)
+    warnings = bk.point_warnings(bk.info(target))
+    assert len(warnings) == 2, warnings
+    assert warnings[0].startswith("WARNING: point 0 (vda, ") and \
+        "written by libvirt-fleece 0.1.x on an unknown QEMU" in warnings[0]
+    assert warnings[1].startswith("WARNING: point 1 (vda, ") and "builds on point 0" in warnings[1]
+    report = bk.verify(target)
+    assert report.ok and report.warnings == warnings
+    rc, out, warned = cli_lines("info", target)
+    assert rc == 0 and warned == warnings, out
+    rc, out, warned = cli_lines("verify", target)
+    assert rc == 0 and warned == warnings, out
+    assert "point(s) cannot be proven right" in out
+
+    # auto does not build on it: a fresh full point, which has no warning
+    t.write("vda", 0x83, 8 * MiB, MiB)
+    r = bk.backup(t.dom, target)
+    assert r.mode == "full" and "point 1 builds on point 0" in r.reason, r.reason
+    assert r.point.writer == mf.Writer("0.2.0", qemu_version(t.dom), r.point.writer.read_path)
+    rc, out, warned = cli_lines("verify", target)
+    assert rc == 0 and [w.split(" (")[0] for w in warned] == \
+        ["WARNING: point 0", "WARNING: point 1"], out
+    out_raw = str(tmp_path / "p2.raw")
+    bk.restore(target, "vda", out_raw, point=2)
+    assert read_raw(out_raw) == expected_image(
+        64 * MiB, [(0x81, 0, MiB), (0x82, 4 * MiB, MiB), (0x83, 8 * MiB, MiB)])
