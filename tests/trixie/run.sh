@@ -34,8 +34,12 @@ die() { log "ERROR: $*"; exit 1; }
 mkdir -p "$CACHE"
 
 # One trixie run at a time on this machine (they would share the root's /var/lib/libvirt).
+# (Children that may outlive this script get fd 9 closed: see in_ns and unshare below.)
 exec 9>"$CACHE/trixie.lock"
-flock -w 1800 9 || die "another tests/trixie/run.sh holds $CACHE/trixie.lock"
+if ! flock -n 9; then
+    log "waiting for another tests/trixie/run.sh (lock $CACHE/trixie.lock)"
+    flock -w 1800 9 || die "another tests/trixie/run.sh holds $CACHE/trixie.lock"
+fi
 
 # --- the namespace ---------------------------------------------------------------
 is_holder() {  # PID: is it a namespace holder of ours (argv[0] fleece-trixie-holder)?
@@ -45,8 +49,9 @@ is_holder() {  # PID: is it a namespace holder of ours (argv[0] fleece-trixie-ho
 in_ns() {  # PID CMD...: run CMD inside the namespace held by PID, clean environment
     local h=$1
     shift
+    # 9>&-: the lock's fd must not live on in the daemons (it would outlive this script)
     nsenter -t "$h" -m -r -w -- env -i PATH="$IN_PATH" HOME=/root LANG=C.UTF-8 \
-        ${CI:+CI="$CI"} ${TERM:+TERM="$TERM"} "$@"
+        ${CI:+CI="$CI"} ${TERM:+TERM="$TERM"} "$@" 9>&-
 }
 ns_id() { stat -L -c %i "/proc/$1/ns/mnt" 2>/dev/null; }
 stop_pids() {  # PIDS...: SIGTERM, wait up to 15 s, then SIGKILL
@@ -63,11 +68,28 @@ stop_pids() {  # PIDS...: SIGTERM, wait up to 15 s, then SIGKILL
     kill -KILL "${alive[@]}" 2>/dev/null || true
 }
 
+ns_pids() {  # MNT-NS-ID EXCLUDED-PIDS...: the processes in that mount namespace
+    local mnt=$1 p
+    shift
+    for p in /proc/[0-9]*; do
+        p=${p#/proc/}
+        [[ " $* " != *" $p "* && $(ns_id "$p") == "$mnt" ]] && echo "$p"
+    done
+    return 0
+}
 teardown_ns() {  # PID of a holder: stop everything that runs in its namespace
-    local h=$1 d p mnt pids=() qemu=()
+    local h=$1 d p f mnt t0=$SECONDS daemons=() pids=() qemu=()
     is_holder "$h" || return 0
     mnt=$(ns_id "$h")
-    # Every domain of this libvirtd is ours: destroy, and forget the persistent ones.
+    for f in libvirtd virtlogd; do
+        p=$(in_ns "$h" cat "/run/$f.pid" 2>/dev/null || true)
+        [[ $p =~ ^[0-9]+$ && -d /proc/$p ]] && daemons+=("$p")
+    done
+    # 1. the tests (anything in the namespace but the holder and the daemons), so that
+    #    nothing makes new domains while we remove them
+    mapfile -t pids < <(ns_pids "$mnt" "$h" "${daemons[@]}")
+    [[ ${#pids[@]} == 0 ]] || { log "teardown: stopping ${pids[*]}"; stop_pids "${pids[@]}"; }
+    # 2. every domain of this libvirtd is ours: destroy, and forget the persistent ones
     if in_ns "$h" timeout 20 virsh -c qemu:///system version >/dev/null 2>&1; then
         for d in $(in_ns "$h" timeout 30 virsh -c qemu:///system list --all --name 2>/dev/null); do
             log "teardown: removing domain $d"
@@ -77,25 +99,20 @@ teardown_ns() {  # PID of a holder: stop everything that runs in its namespace
                 >/dev/null 2>&1 || true
         done
     fi
-    # qemu processes (each in a mount namespace of its own) that libvirt still knows of
-    # (driver.pid there is libvirtd's own: keep only pids whose program is qemu)
+    # 3. qemu processes (each in a mount namespace of its own) libvirt still knows of
+    #    (driver.pid there is libvirtd's own: keep only pids whose program is qemu)
     for p in $(in_ns "$h" sh -c 'cat /run/libvirt/qemu/*.pid 2>/dev/null' || true); do
         [[ $p =~ ^[0-9]+$ && -d /proc/$p && $(readlink "/proc/$p/exe" 2>/dev/null) == */qemu-system-* ]] &&
             qemu+=("$p")
     done
     [[ ${#qemu[@]} == 0 ]] || { log "teardown: stopping qemu ${qemu[*]}"; stop_pids "${qemu[@]}"; }
-    # the daemons, by their pidfiles
-    for f in libvirtd virtlogd; do
-        p=$(in_ns "$h" cat "/run/$f.pid" 2>/dev/null || true)
-        [[ $p =~ ^[0-9]+$ && -d /proc/$p ]] && stop_pids "$p"
-    done
-    # anything else still in the namespace (nbdkit, qemu-nbd, ...), then the holder
-    for p in /proc/[0-9]*; do
-        p=${p#/proc/}
-        [[ $p != "$h" && $p != "$$" && $(ns_id "$p") == "$mnt" ]] && pids+=("$p")
-    done
+    # 4. the daemons, 5. anything left (nbdkit, qemu-nbd, ...), 6. the holder: the
+    #    namespace and its mounts go with the last of them
+    [[ ${#daemons[@]} == 0 ]] || stop_pids "${daemons[@]}"
+    mapfile -t pids < <(ns_pids "$mnt" "$h")
     [[ ${#pids[@]} == 0 ]] || { log "teardown: stopping ${pids[*]}"; stop_pids "${pids[@]}"; }
     stop_pids "$h"
+    log "teardown done ($((SECONDS - t0)) s)"
 }
 
 # A namespace left by a run that was killed (SIGKILL, host reboot excepted).
@@ -154,7 +171,7 @@ touch /run/fleece-trixie/ready
 exec -a "$NAME" sleep infinity
 '
 unshare -m --propagation private -- /bin/bash -c "$ns_init" trixie-ns "$ROOT" "$top" \
-    "$HOLDER_NAME" </dev/null >"$CACHE/trixie-ns.log" 2>&1 &
+    "$HOLDER_NAME" </dev/null >"$CACHE/trixie-ns.log" 2>&1 9>&- &
 holder=$!
 echo "$holder" >"$PIDFILE"
 cleanup() {
@@ -199,7 +216,11 @@ echo "=== Debian 13 tier: Debian $dv (trixie), libvirt $lv, QEMU $qv, Python $pv
     "root $ROOT, libvirtd pid $(in_ns "$holder" cat /run/libvirtd.pid)" \
     "(ready in $((SECONDS - t_start)) s, root build $((t_built - t_start)) s) ==="
 
+# In the background and waited for, so that SIGTERM/SIGINT reach the trap (teardown) at
+# once instead of after the tests: the teardown stops the tests too.
 rc=0
-in_ns "$holder" /bin/bash /src/tests/trixie/inside.sh "$@" || rc=$?
+# (exec 9>&- in the subshell: a subshell that outlived a SIGKILLed run.sh must not hold the lock)
+(exec 9>&-; in_ns "$holder" /bin/bash /src/tests/trixie/inside.sh "$@" </dev/null) &
+wait $! || rc=$?
 log "Debian 13 tier finished in $((SECONDS - t_start)) s: exit $rc"
 exit "$rc"
