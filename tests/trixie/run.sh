@@ -9,8 +9,9 @@
 # - Starts virtlogd and libvirtd in a PRIVATE MOUNT NAMESPACE whose root is that dir
 #   (unshare -m; /proc, /sys, /dev and the checkout, at /src, bound in; a fresh tmpfs
 #   on /run; pivot_root). A plain chroot cannot run domains (libvirt's per-domain mount
-#   namespace needs a real root mount). Its libvirtd is the monolithic one, like on the
-#   host: one daemon, one pidfile; trixie also ships the modular virtqemud, not used here.
+#   namespace needs a real root mount). The daemon is the monolithic libvirtd, as on the
+#   host: Debian 13's packages (libvirt 11.3.0-3) ship no modular daemons (no virtqemud
+#   in libvirt-daemon-driver-qemu), and one daemon means one pidfile to stop.
 #   Everything shares the host's network namespace, cgroups, /dev/kvm and CPU, but not
 #   the host's libvirtd: it is a separate daemon with its own /run, /etc and /var.
 # - Runs tests/trixie/inside.sh in there (nsenter): a venv /opt/fleece-venv inside the
