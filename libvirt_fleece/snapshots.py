@@ -193,6 +193,8 @@ def _size_limit(sess: Session, rec: SnapshotRecord, asked: Optional[int]) -> Opt
     limit = asked or sess.cfg.overlay_size_limit
     for dirs in by_fs.values():
         st = os.statvfs(dirs[0])
+        if st.f_blocks == 0:
+            continue        # proc, sysfs: creating the image there fails and says why
         room = st.f_bavail * st.f_frsize - sess.cfg.fleece_min_free
         fit = room // len(dirs)
         if limit is None:

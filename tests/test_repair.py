@@ -103,13 +103,24 @@ def test_metadata_copied_from_another_domain_is_not_trusted(make_vm):
 def test_cli_repair_reports_what_it_did(vm):
     import subprocess
     import sys
+    import libvirt_qemu
     files = live_snapshot(vm)
     set_state(vm.dom, None)
     out = subprocess.run([sys.executable, "-m", "libvirt_fleece.cli", "repair", vm.name],
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert "orphaned node" in out.stdout and "Repaired:" in out.stdout
+    # a snapshot with a size limit (every snapshot on QEMU 7.2) has a watcher, whose
+    # first look may have removed the orphans just before this call did
+    assert ("orphaned node" in out.stdout and "Repaired:" in out.stdout) or \
+        out.stdout.strip() == "Nothing to repair"
+    assert plugin_leftovers(vm.dom) == {}
     assert not any(os.path.exists(f) for f in files)
+    # an orphan that no background process of ours knows about: this call reports it
+    libvirt_qemu.qemuMonitorCommand(vm.dom, '{"execute": "blockdev-add", "arguments": '
+                                    '{"driver": "null-co", "node-name": "fleece-orphan"}}', 0)
+    out = subprocess.run([sys.executable, "-m", "libvirt_fleece.cli", "repair", vm.name],
+                         capture_output=True, text=True)
+    assert "orphaned node fleece-orphan" in out.stdout and "Repaired:" in out.stdout
     out = subprocess.run([sys.executable, "-m", "libvirt_fleece.cli", "repair", vm.name],
                          capture_output=True, text=True)
     assert out.stdout.strip() == "Nothing to repair"
