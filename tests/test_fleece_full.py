@@ -78,10 +78,18 @@ def guest_write(t, pattern: int, offset: int, length: int) -> str:
     reply = libvirt_qemu.qemuMonitorCommand(
         t.dom, f'qemu-io -d {t.qdev("vda")} "write -P 0x{pattern:02x} {offset} {length}"',
         libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP).strip()
-    with open(log, errors="replace") as f:
-        f.seek(before)
-        failed = [line for line in f.read().splitlines() if "write failed" in line]
-    return "\n".join([reply] + failed if reply else failed)
+    if reply:
+        return reply
+    deadline = time.monotonic() + 10      # virtlogd writes qemu's output a little later
+    while True:
+        with open(log, errors="replace") as f:
+            f.seek(before)
+            lines = f.read().splitlines()
+        failed = [line for line in lines if "write failed" in line]
+        if failed or any(line.startswith("wrote ") for line in lines):
+            return "\n".join(failed)
+        assert time.monotonic() < deadline, "qemu-io reported nothing in the domain log"
+        time.sleep(0.05)
 
 
 def snapshot_state(t, name: str) -> str:
