@@ -36,6 +36,7 @@ import libvirt_qemu
 from lxml import etree
 
 import libvirt_fleece as fleece
+from libvirt_fleece import config, readpath
 
 log = logging.getLogger(__name__)
 
@@ -176,11 +177,13 @@ class _Demo:
         with steps.step("guest writes 0x5a over the first 4 MiB"):
             for w in BEFORE:
                 guest_write(self.dom, *w)
-        with steps.step(f"create block snapshot {SNAPSHOT!r} of vda"):
+        with steps.step(f"create block snapshot {SNAPSHOT!r} of vda") as notes:
             fleece.blockSnapshotCreateXML(
                 self.dom, f"<domainblocksnapshot><name>{SNAPSHOT}</name>"
                           f"<disk name='vda'/></domainblocksnapshot>")
             self.snapshot_taken = True
+            found = readpath.verdict(self.dom, config.load().state_dir)
+            notes.append(f"read path {found.readpath}: {found.reason}")
         with steps.step("guest overwrites: 0xa5 over the first 4 MiB, "
                         "0x11 over 1 MiB at 8 MiB") as notes:
             for w in AFTER:

@@ -64,7 +64,16 @@ echo "deb $MIRROR trixie main" >"$tmp/etc/apt/sources.list"
 unshare -m --propagation private -- /bin/bash -euo pipefail -c '
     R=$1; shift
     mount -t proc proc "$R/proc"
-    mount --rbind /dev "$R/dev"
+    # a /dev of its own: package scripts must not chgrp the host'"'"'s /dev/kvm (qemu'"'"'s
+    # postinst gives it the root'"'"'s kvm gid, which breaks the host'"'"'s libvirt-qemu)
+    mount -t tmpfs -o mode=0755 dev "$R/dev"
+    for n in null zero full random urandom tty; do
+        touch "$R/dev/$n"
+        mount --bind "/dev/$n" "$R/dev/$n"
+    done
+    mkdir -p "$R/dev/pts" "$R/dev/shm"
+    mount -t devpts -o newinstance,ptmxmode=0666 devpts "$R/dev/pts"
+    ln -s pts/ptmx "$R/dev/ptmx"
     exec chroot "$R" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 \
         DEBIAN_FRONTEND=noninteractive /bin/sh -ec "
         apt-get update -q
