@@ -78,9 +78,11 @@ def add_fleece_node(dom: libvirt.virDomain, node: str, fdset_id: int,
                     backing: Optional[str] = None) -> None:
     """The fleece image as a qcow2 node, opened through the fdset (never by path).
 
-    With ``backing`` (the overlay read path) the image reads through to that
-    node wherever it holds no copied data; qemu's copy job then serializes its
-    copies with reads of the image (block-copy's "fleecing" mode)."""
+    With ``backing`` the image reads through to that node wherever it holds no
+    copied data (what the overlay read path exports); qemu's copy job then
+    serializes its copies with reads of the image (block-copy's "fleecing"
+    mode), and the backing link puts qemu's op blocker on that node, so graph
+    changes of others (external snapshot, commit, mirror, resize) are refused."""
     args: dict = {
         "driver": "qcow2", "node-name": node, "discard": "unmap",
         "file": {"driver": "file", "node-name": node + "f",
@@ -106,6 +108,29 @@ def add_filter(dom: libvirt.virDomain, node: str, below: str, target: str,
 def add_access(dom: libvirt.virDomain, node: str, filter_node: str) -> None:
     qmp.execute(dom, "blockdev-add", {"driver": "snapshot-access", "node-name": node,
                                       "file": filter_node})
+
+
+def foreign_jobs(dom: libvirt.virDomain, disk: str, nodes: set[str]) -> list[str]:
+    """Ids of qemu jobs that are not ours and concern ``disk`` or one of ``nodes``.
+
+    libvirt names its jobs after the disk and node (``backup-vda-libvirt-1-format``,
+    ``commit-vda-...``)."""
+    found = []
+    for job in qmp.execute(dom, "query-jobs"):
+        jid = job["id"]
+        if jid.startswith(PREFIX):
+            continue
+        if f"-{disk}-" in f"-{jid}-" or any(n and n in jid for n in nodes):
+            found.append(f"{jid} ({job.get('type', 'job')}, {job.get('status', '?')})")
+    return found
+
+
+def file_children(dom: libvirt.virDomain) -> dict[str, str]:
+    """node -> its ``file`` child, as qemu's graph is now."""
+    graph = qmp.execute(dom, "x-debug-query-block-graph")
+    names = {n["id"]: n["name"] for n in graph["nodes"]}
+    return {names[e["parent"]]: names[e["child"]] for e in graph["edges"]
+            if e["name"] == "file" and e["parent"] in names and e["child"] in names}
 
 
 def set_drive(dom: libvirt.virDomain, qdev: str, node: str) -> None:

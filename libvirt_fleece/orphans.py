@@ -48,10 +48,7 @@ def _drop_stale_records(sess: Session, nodes: set[str], export_ids: set[str]) ->
 
 def _graph_children(sess: Session) -> dict[str, str]:
     """node -> its 'file' child, from qemu's block graph."""
-    graph = qmp.execute(sess.dom, "x-debug-query-block-graph")
-    names = {n["id"]: n["name"] for n in graph["nodes"]}
-    return {names[e["parent"]]: names[e["child"]] for e in graph["edges"]
-            if e["name"] == "file" and e["parent"] in names and e["child"] in names}
+    return blockgraph.file_children(sess.dom)
 
 
 def _delete_what_can_go(dom, remaining: set[str], done: list[str]) -> None:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import logging
 import os
 
-from . import (bitmaps, checkpoints, exports, health, metadata, orphans, pauseguard, snapshots,
-               virt)
+from . import (bitmaps, checkpoints, errors, exports, health, metadata, orphans, pauseguard,
+               snapshots, virt)
 from .session import Session
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,14 @@ def finish_interrupted(sess: Session) -> list[str]:
     for snap in [s for s in state.snapshots if s.state in metadata.IN_PROGRESS]:
         log.warning("domain %s: removing snapshot %s left %s by an interrupted call",
                     sess.dom.name(), snap.name, snap.state)
-        snapshots.teardown(sess, snap)
+        try:
+            snapshots.teardown(sess, snap)
+        except errors.QMPError as e:
+            # qemu refuses now (a job of libvirt's holds the disk, say): keep the record,
+            # the next call tries again; listing and looking up must go on working
+            log.error("domain %s: cannot finish removing snapshot %s yet: %s",
+                      sess.dom.name(), snap.name, e)
+            continue
         state.snapshots.remove(snap)
         changed = True
     done = orphans.sweep(sess)

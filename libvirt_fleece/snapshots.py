@@ -69,6 +69,7 @@ class BlockSnapshot(NamedHandle):
         with open_session(self._dom) as sess:
             rec = _lookup(sess, self._name)
             _check_nothing_above(sess, rec)
+            check_no_foreign_job(sess, [(d.name, d.base) for d in rec.disks])
             from . import exports
             users = [e for e in sess.state.exports() if e.snapshot == rec.name]
             if users and not flags & VIR_DOMAIN_BLOCK_SNAPSHOT_DELETE_STOP_EXPORTS:
@@ -81,7 +82,12 @@ class BlockSnapshot(NamedHandle):
             rec.state = metadata.DELETING
             sess.save()
             killpoint("snapshot-delete:recorded")
-            teardown(sess, rec, killpoints=True)
+            try:
+                teardown(sess, rec, killpoints=True)
+            except errors.QMPError as e:
+                raise errors.OperationInvalid(
+                    f"cannot remove snapshot {rec.name!r} now, qemu refused: {e.desc}; it "
+                    f"stays 'deleting' and the next call on the domain finishes it") from e
             sess.state.snapshots.remove(rec)
             sess.save()
             checkpoints.reconcile(sess)
@@ -95,6 +101,18 @@ def _lookup(sess: Session, name: str) -> SnapshotRecord:
             f"no snapshot {name!r} in domain {sess.dom.name()!r} "
             f"(blockSnapshotList shows the existing ones)")
     return rec
+
+
+def check_no_foreign_job(sess: Session, disks: list[tuple[str, Optional[str]]]) -> None:
+    """Refuse to change the graph of disks (name, format node) that a job of libvirt's
+    (backup, commit, copy, pull) works on now. Raises OperationInvalid."""
+    for disk, node in disks:
+        jobs = blockgraph.foreign_jobs(sess.dom, disk, {node} if node else set())
+        if jobs:
+            raise errors.OperationInvalid(
+                f"libvirt's job {jobs[0]} is running on disk {disk!r} of domain "
+                f"{sess.dom.name()!r}; try again when it ends (virsh domjobinfo; "
+                f"virsh domjobabort ends it)")
 
 
 def _check_nothing_above(sess: Session, rec: SnapshotRecord) -> None:
@@ -157,6 +175,7 @@ def _plan(sess: Session, spec: documents.SnapshotSpec,
         if virt.block_job_active(dom, ld.name):
             raise errors.OperationInvalid(
                 f"disk {ld.name!r} has an active block job; try again when it finished")
+        check_no_foreign_job(sess, [(ld.name, ld.base)])
         path = path or _default_fleece_path(sess, name, ld.name)
         fleecefile.check_path(path)
         fdset = blockgraph.new_fdset_id(used_fdsets)
@@ -275,8 +294,9 @@ def _build(sess: Session, rec: SnapshotRecord, actions: list[dict]) -> None:
     killpoint("snapshot-create:fd-added")
     overlay = rec.readpath == readpath.OVERLAY
     for d in rec.disks:
-        blockgraph.add_fleece_node(dom, d.fleece_node, d.fdset,
-                                   backing=d.below if overlay else None)
+        # the backing link also holds qemu's op blocker on the disk: libvirt's external
+        # snapshot, commit, copy and resize are refused before they change anything
+        blockgraph.add_fleece_node(dom, d.fleece_node, d.fdset, backing=d.below)
         killpoint("snapshot-create:fleece-node-added")
         blockgraph.add_filter(dom, d.filter_node, d.below, d.fleece_node,
                               break_guest_write=overlay)
@@ -293,6 +313,8 @@ def teardown(sess: Session, rec: SnapshotRecord, killpoints: bool = False) -> No
     dom = sess.dom
     nodes = blockgraph.node_names(dom)
     devs = blockgraph.devices(dom)
+    children = blockgraph.file_children(dom) if any(
+        d.filter_node in nodes for d in rec.disks) else {}
 
     def step(name: str) -> None:
         if killpoints:
@@ -303,7 +325,8 @@ def teardown(sess: Session, rec: SnapshotRecord, killpoints: bool = False) -> No
         step("access-node-removed")
         dev = devs.get(d.qdev)
         if dev is not None and dev["inserted"]["node-name"] == d.filter_node:
-            blockgraph.set_drive(dom, d.qdev, d.below)
+            # the node under the filter now, which need not be the one recorded
+            blockgraph.set_drive(dom, d.qdev, children.get(d.filter_node, d.below))
         blockgraph.remove_node(dom, d.filter_node, nodes)
         step("filter-removed")
         blockgraph.remove_node(dom, d.fleece_node, nodes)

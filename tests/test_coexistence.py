@@ -1,0 +1,100 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""libvirt's own block work beside a plugin snapshot: refused before it changes anything,
+or refused by the plugin with a clear error, never a crash, wrong data or a wedged plugin."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+import pytest
+
+import libvirt_fleece as lf
+from conftest import plugin_leftovers
+from vm import MiB, expected_image, read_export
+
+pytestmark = [pytest.mark.integration, pytest.mark.coexistence]
+
+SIZE = 64 * MiB
+EXPORT = "<domainblockexport type='nbd'><disk name='vda' snapshot='p1'/></domainblockexport>"
+
+
+def virsh(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["virsh", "-c", "qemu:///system", *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def snapshot_and_export(t) -> str:
+    """Snapshot p1 of vda after writing 0x5a over 1 MiB; export it; return the socket."""
+    t.write("vda", 0x5A, 0, MiB)
+    lf.blockSnapshotCreateXML(t.dom, "<domainblocksnapshot><name>p1</name>"
+                                     "</domainblocksnapshot>")
+    lf.blockExportStart(t.dom, EXPORT)
+    t.write("vda", 0x77, 0, MiB // 2)
+    return re.search(r'socket="([^"]+)"', lf.blockExportList(t.dom)[0]).group(1)
+
+
+def assert_exact_and_usable(t, sock: str) -> None:
+    assert read_export(sock, "vda-p1") == expected_image(SIZE, [(0x5A, 0, MiB)])
+    lf.blockSnapshotLookupByName(t.dom, "p1").delete(
+        lf.VIR_DOMAIN_BLOCK_SNAPSHOT_DELETE_STOP_EXPORTS)
+    assert lf.blockSnapshotList(t.dom) == [] and plugin_leftovers(t.dom) == {}
+
+
+@pytest.mark.parametrize("operation", ["external-snapshot", "blockcopy", "blockcommit-active",
+                                       "blockresize"])
+def test_graph_changes_of_libvirt_are_refused_before_they_change_anything(make_vm, tmp_path,
+                                                                        operation):
+    t = make_vm(disks=1)
+    sock = snapshot_and_export(t)
+    xml_before = t.dom.XMLDesc(0)
+    source = re.search(r"<source file='([^']+)'", xml_before).group(1)
+    if operation == "external-snapshot":
+        out = virsh("snapshot-create-as", t.name, "ext1", "--disk-only", "--no-metadata",
+                    "--diskspec", f"vda,file={t.dir}/ext1.qcow2")
+    elif operation == "blockcopy":
+        out = virsh("blockcopy", t.name, "vda", f"{t.dir}/copy.qcow2", "--wait", "--pivot",
+                    "--transient-job")
+    elif operation == "blockcommit-active":
+        out = virsh("blockcommit", t.name, "vda", "--active", "--pivot", "--wait")
+    else:
+        out = virsh("blockresize", t.name, "vda", str(2 * SIZE))
+    assert out.returncode != 0, f"libvirt's {operation} went through: {out.stdout}"
+    assert t.dom.isActive(), "qemu is alive"
+    assert re.search(r"<source file='([^']+)'", t.dom.XMLDesc(0)).group(1) == source
+    assert_exact_and_usable(t, sock)
+    if operation == "external-snapshot":          # and once the plugin let go, it works
+        out = virsh("snapshot-create-as", t.name, "ext2", "--disk-only", "--no-metadata",
+                    "--diskspec", f"vda,file={t.dir}/ext2.qcow2")
+        assert out.returncode == 0, out.stderr
+
+
+def test_a_libvirt_backup_job_makes_the_plugin_refuse_cleanly_not_wedge(make_vm):
+    t = make_vm(disks=1)
+    t.write("vda", 0x5A, 0, MiB)
+    lf.blockSnapshotCreateXML(t.dom, "<domainblocksnapshot><name>p1</name>"
+                                     "</domainblocksnapshot>")
+    # libvirt's pull backup needs qemu's one NBD server: no export of ours meanwhile
+    t.dom.backupBegin(f"""<domainbackup mode='pull'>
+        <server transport='unix' socket='/tmp/{t.name}-backup.sock'/>
+        <disks><disk name='vda' backup='yes' type='file'>
+          <scratch file='{t.dir}/scratch.qcow2'/></disk></disks></domainbackup>""", None, 0)
+    try:
+        with pytest.raises(lf.OperationInvalid, match=r"libvirt's job backup-vda.*try again"):
+            lf.blockSnapshotLookupByName(t.dom, "p1").delete(
+                lf.VIR_DOMAIN_BLOCK_SNAPSHOT_DELETE_STOP_EXPORTS)
+        with pytest.raises(lf.OperationInvalid, match=r"job"):
+            lf.blockSnapshotCreateXML(t.dom, "<domainblocksnapshot><name>p2</name>"
+                                             "</domainblocksnapshot>")
+        with pytest.raises(lf.OperationInvalid, match="NBD server"):
+            lf.blockExportStart(t.dom, EXPORT)
+        t.write("vda", 0x77, 0, MiB // 2)
+        # listing and looking up go on working
+        assert [s.getName() for s in lf.blockSnapshotList(t.dom)] == ["p1"]
+        assert "<state>ready</state>" in lf.blockSnapshotLookupByName(t.dom, "p1").getXMLDesc()
+    finally:
+        t.dom.abortJob()
+    assert t.dom.isActive()
+    lf.blockExportStart(t.dom, EXPORT)
+    sock = re.search(r'socket="([^"]+)"', lf.blockExportList(t.dom)[0]).group(1)
+    assert_exact_and_usable(t, sock)
