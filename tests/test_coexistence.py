@@ -43,8 +43,8 @@ def assert_exact_and_usable(t, sock: str) -> None:
 
 @pytest.mark.parametrize("operation", ["external-snapshot", "blockcopy", "blockcommit-active",
                                        "blockresize"])
-def test_graph_changes_of_libvirt_are_refused_before_they_change_anything(make_vm, tmp_path,
-                                                                        operation):
+def test_graph_changes_of_libvirt_are_refused_before_they_change_anything(
+        make_vm, tmp_path, operation):
     t = make_vm(disks=1)
     sock = snapshot_and_export(t)
     xml_before = t.dom.XMLDesc(0)
@@ -98,3 +98,22 @@ def test_a_libvirt_backup_job_makes_the_plugin_refuse_cleanly_not_wedge(make_vm)
     lf.blockExportStart(t.dom, EXPORT)
     sock = re.search(r'socket="([^"]+)"', lf.blockExportList(t.dom)[0]).group(1)
     assert_exact_and_usable(t, sock)
+
+
+@pytest.mark.parametrize("command", ["save", "managedsave"])
+def test_save_fails_inside_qemu_and_leaves_guest_and_snapshot_usable(make_vm, command):
+    t = make_vm(disks=1, persistent=True)       # managedsave needs a persistent domain
+    sock = snapshot_and_export(t)
+    args = [command, t.name] + ([f"{t.dir}/saved.img"] if command == "save" else [])
+    out = virsh(*args)
+    assert out.returncode != 0, "qemu cannot inactivate the images under a plugin snapshot"
+    assert "unexpectedly failed" in out.stderr, out.stderr
+    assert t.dom.isActive() and t.dom.state()[0] == 1, "the guest keeps running"
+    assert [s.getName() for s in lf.blockSnapshotList(t.dom)] == ["p1"]
+    t.write("vda", 0x66, MiB, MiB)
+    assert_exact_and_usable(t, sock)
+    # with the plugin's snapshots gone, libvirt's command works
+    out = virsh(*args)
+    assert out.returncode == 0, out.stderr
+    if command == "managedsave":
+        t.conn.lookupByName(t.name).managedSaveRemove(0)
