@@ -14,7 +14,7 @@ import logging
 import os
 
 from . import (bitmaps, checkpoints, errors, exports, health, metadata, orphans, pauseguard,
-               snapshots, virt)
+               snapshots, unplug, virt)
 from .session import Session
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,8 @@ def finish_interrupted(sess: Session) -> list[str]:
             continue
         state.snapshots.remove(snap)
         changed = True
-    done = orphans.sweep(sess)
+    done = unplug.follow(sess)
+    done += orphans.sweep(sess)
     done += health.check(sess)
     if changed or done:
         sess.save()

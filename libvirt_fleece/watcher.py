@@ -100,8 +100,11 @@ def main(uri: str, domain_uuid: str) -> int:
         if event == "BLOCK_WRITE_THRESHOLD" and \
                 str(data.get("node-name", "")).startswith("fleece-"):
             pending.append(data)
+        elif event == "DEVICE_DELETED":          # a hot-unplug: follow it (unplug.py)
+            pending.append({"node-name": f"(device {data.get('device')} deleted)"})
 
     libvirt_qemu.qemuMonitorEventRegister(conn, dom, "BLOCK_WRITE_THRESHOLD", on_event, None, 0)
+    libvirt_qemu.qemuMonitorEventRegister(conn, dom, "DEVICE_DELETED", on_event, None, 0)
     libvirt.virEventAddTimeout(int(CHECK_INTERVAL * 1000), lambda _t, _o: None, None)
     log.info("watching domain %s for fleece size limits", dom.name())
     # a threshold crossed before we listened sent its event to nobody: look once now
@@ -110,7 +113,7 @@ def main(uri: str, domain_uuid: str) -> int:
     while True:
         libvirt.virEventRunDefaultImpl()
         if pending:
-            log.warning("domain %s: fleece image passed its size limit (%s)", dom.name(),
+            log.warning("domain %s: looking after qemu's event (%s)", dom.name(),
                         pending[-1].get("node-name"))
             pending.clear()
             try:

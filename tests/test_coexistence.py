@@ -117,3 +117,71 @@ def test_save_fails_inside_qemu_and_leaves_guest_and_snapshot_usable(make_vm, co
     assert out.returncode == 0, out.stderr
     if command == "managedsave":
         t.conn.lookupByName(t.name).managedSaveRemove(0)
+
+
+@pytest.fixture
+def scsi_vm(conn):
+    """A domain with vda (virtio) and sda (virtio-scsi, unpluggable without a guest)."""
+    import os
+    import secrets
+    import shutil
+    import libvirt
+    from vm import kvm_usable
+    name = f"fleecetest-scsi-{secrets.token_hex(4)}"
+    d = f"/var/lib/libvirt/images/{name}"
+    os.makedirs(d)
+    for dev in ("vda", "sda"):
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", f"{d}/{dev}.qcow2", "64M"],
+                       check=True)
+    disks = "".join(f"""<disk type='file' device='disk'><driver name='qemu' type='qcow2'
+        cache='none'/><source file='{d}/{dev}.qcow2'/><target dev='{dev}' bus='{bus}'/></disk>"""
+                    for dev, bus in (("vda", "virtio"), ("sda", "scsi")))
+    dom = conn.createXML(f"""<domain type='{"kvm" if kvm_usable() else "qemu"}'>
+        <name>{name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>
+        <os><type arch='x86_64' machine='pc'>hvm</type></os><devices>
+        <controller type='scsi' model='virtio-scsi'/>{disks}</devices></domain>""", 0)
+    yield dom, d
+    try:
+        dom.destroy()
+    except libvirt.libvirtError:
+        pass
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_hot_unplug_of_a_snapshotted_disk_is_followed_and_the_image_freed(scsi_vm):
+    import libvirt_qemu
+    import time
+    dom, d = scsi_vm
+
+    def write(qdev: str, pattern: int) -> None:
+        libvirt_qemu.qemuMonitorCommand(dom, f'qemu-io -d {qdev} "write -P 0x{pattern:02x} 0 1M"',
+                                        libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
+
+    vda = "/machine/peripheral/virtio-disk0/virtio-backend"
+    write(vda, 0x5A)
+    write("scsi0-0-0-0", 0x6B)
+    lf.blockSnapshotCreateXML(dom, "<domainblocksnapshot><name>p1</name></domainblocksnapshot>")
+    lf.blockExportStart(dom, "<domainblockexport type='nbd'><disk name='vda' snapshot='p1'/>"
+                             "<disk name='sda' snapshot='p1'/></domainblockexport>")
+    out = virsh("detach-disk", dom.name(), "sda", "--live")
+    assert out.returncode == 0, out.stderr
+    # the plugin follows (its watcher on DEVICE_DELETED, or this call): sda's part goes
+    deadline = time.monotonic() + 15
+    while "sda" in lf.blockSnapshotLookupByName(dom, "p1").getXMLDesc() and \
+            time.monotonic() < deadline:
+        time.sleep(0.2)
+    desc = lf.blockSnapshotLookupByName(dom, "p1").getXMLDesc()
+    assert "name=\"vda\"" in desc and "sda" not in desc
+    listing = lf.blockExportList(dom)[0]
+    assert "vda-p1" in listing and "sda-p1" not in listing
+    write(vda, 0x77)
+    sock = re.search(r'socket="([^"]+)"', listing).group(1)
+    assert read_export(sock, "vda-p1") == expected_image(SIZE, [(0x5A, 0, MiB)])
+    # libvirt's stranded nodes of sda are gone: the image can be attached again
+    out = virsh("attach-disk", dom.name(), f"{d}/sda.qcow2", "sda", "--targetbus", "scsi",
+                "--subdriver", "qcow2", "--live")
+    assert out.returncode == 0, out.stderr
+    lf.blockSnapshotLookupByName(dom, "p1").delete(
+        lf.VIR_DOMAIN_BLOCK_SNAPSHOT_DELETE_STOP_EXPORTS)
+    assert plugin_leftovers(dom) == {}
+    assert dom.isActive()
