@@ -185,3 +185,67 @@ def test_hot_unplug_of_a_snapshotted_disk_is_followed_and_the_image_freed(scsi_v
         lf.VIR_DOMAIN_BLOCK_SNAPSHOT_DELETE_STOP_EXPORTS)
     assert plugin_leftovers(dom) == {}
     assert dom.isActive()
+
+
+@pytest.mark.parametrize("operation", ["blockpull", "blockcommit-inactive"])
+def test_libvirt_jobs_below_the_top_of_a_chain_leave_the_snapshot_exact(conn, operation):
+    """A disk that had a backing chain before the snapshot: libvirt's pull (into the top)
+    runs beside the snapshot, its inactive commit is refused by qemu; the snapshot stays
+    exact either way, and so does the guest's disk."""
+    import os
+    import secrets
+    import shutil
+    from vm import kvm_usable
+    name = f"fleecetest-chain-{secrets.token_hex(4)}"
+    d = f"/var/lib/libvirt/images/{name}"
+    os.makedirs(d)
+    try:
+        for img, backing in (("base", None), ("mid", "base"), ("top", "mid")):
+            cmd = ["qemu-img", "create", "-q", "-f", "qcow2", f"{d}/{img}.qcow2", "64M"]
+            if backing:
+                cmd[5:5] = ["-b", f"{d}/{backing}.qcow2", "-F", "qcow2"]
+            subprocess.run(cmd, check=True)
+            if img == "base":
+                subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x31 0 2M",
+                                f"{d}/base.qcow2"], check=True, capture_output=True)
+        dom = conn.createXML(f"""<domain type='{"kvm" if kvm_usable() else "qemu"}'>
+            <name>{name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>
+            <os><type arch='x86_64' machine='pc'>hvm</type></os><devices>
+            <disk type='file' device='disk'><driver name='qemu' type='qcow2' cache='none'/>
+            <source file='{d}/top.qcow2'/><target dev='vda' bus='virtio'/></disk>
+            </devices></domain>""", 0)
+        import libvirt_qemu
+        qdev = "/machine/peripheral/virtio-disk0/virtio-backend"
+        libvirt_qemu.qemuMonitorCommand(dom, f'qemu-io -d {qdev} "write -P 0x5a 0 1M"',
+                                        libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
+        lf.blockSnapshotCreateXML(dom, "<domainblocksnapshot><name>p1</name>"
+                                       "</domainblocksnapshot>")
+        lf.blockExportStart(dom, EXPORT)
+        libvirt_qemu.qemuMonitorCommand(dom, f'qemu-io -d {qdev} "write -P 0x77 512k 1M"',
+                                        libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
+        if operation == "blockpull":
+            out = virsh("blockpull", name, "vda", "--wait")
+        else:
+            out = virsh("blockcommit", name, "vda", "--top", f"{d}/mid.qcow2",
+                        "--base", f"{d}/base.qcow2", "--wait")
+        assert dom.isActive(), "qemu is alive"
+        if operation == "blockpull":
+            assert out.returncode == 0, out.stderr      # runs beside the snapshot
+        else:
+            assert out.returncode != 0 and "root block node" in out.stderr  # refused
+        sock = re.search(r'socket="([^"]+)"', lf.blockExportList(dom)[0]).group(1)
+        want = expected_image(SIZE, [(0x31, 0, 2 * MiB), (0x5A, 0, MiB)])
+        assert read_export(sock, "vda-p1") == want
+        lf.blockSnapshotLookupByName(dom, "p1").delete(
+            lf.VIR_DOMAIN_BLOCK_SNAPSHOT_DELETE_STOP_EXPORTS)
+        assert plugin_leftovers(dom) == {}
+        # the guest's disk holds its data
+        lf.blockSnapshotCreateXML(dom, "<domainblocksnapshot><name>p1</name>"
+                                       "</domainblocksnapshot>")
+        lf.blockExportStart(dom, EXPORT)
+        sock = re.search(r'socket="([^"]+)"', lf.blockExportList(dom)[0]).group(1)
+        now = expected_image(SIZE, [(0x31, 0, 2 * MiB), (0x5A, 0, MiB), (0x77, 512 * 1024, MiB)])
+        assert read_export(sock, "vda-p1") == now
+        dom.destroy()
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
