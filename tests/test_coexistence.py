@@ -107,7 +107,9 @@ def test_save_fails_inside_qemu_and_leaves_guest_and_snapshot_usable(make_vm, co
     args = [command, t.name] + ([f"{t.dir}/saved.img"] if command == "save" else [])
     out = virsh(*args)
     assert out.returncode != 0, "qemu cannot inactivate the images under a plugin snapshot"
-    assert "unexpectedly failed" in out.stderr, out.stderr
+    # QEMU 7.2: "job 'domain save' unexpectedly failed"; 10.0: "job 'domain save' failed:
+    # Error in migration completion: Bad address"
+    assert "job 'domain save'" in out.stderr, out.stderr
     assert t.dom.isActive() and t.dom.state()[0] == 1, "the guest keeps running"
     assert [s.getName() for s in lf.blockSnapshotList(t.dom)] == ["p1"]
     t.write("vda", 0x66, MiB, MiB)
