@@ -38,6 +38,7 @@ def finish_interrupted(sess: Session) -> list[str]:
                         sess.dom.name())
             exports.stop_server(sess)
             changed = True
+    blocked: list[str] = []
     for snap in [s for s in state.snapshots if s.state in metadata.IN_PROGRESS]:
         log.warning("domain %s: removing snapshot %s left %s by an interrupted call",
                     sess.dom.name(), snap.name, snap.state)
@@ -48,10 +49,12 @@ def finish_interrupted(sess: Session) -> list[str]:
             # the next call tries again; listing and looking up must go on working
             log.error("domain %s: cannot finish removing snapshot %s yet: %s",
                       sess.dom.name(), snap.name, e)
+            blocked.append(f"snapshot {snap.name} is still '{snap.state}': qemu refused to "
+                           f"remove it ({e.desc}); the next call tries again")
             continue
         state.snapshots.remove(snap)
         changed = True
-    done = unplug.follow(sess)
+    done = blocked + unplug.follow(sess)
     done += orphans.sweep(sess)
     done += health.check(sess)
     if changed or done:
