@@ -133,11 +133,15 @@ def _bind(sess: Session, addr: Address) -> socket.socket:
 
 
 def exposure_warning(addr: Address, port: int) -> Optional[str]:
-    """What to shout when an export is reachable from other hosts without TLS."""
+    """What to shout when an export listens on TCP without TLS: on any address,
+    loopback included (every local user can connect to 127.0.0.1; TCP has no
+    file permissions)."""
     if addr.type != "ip" or addr.tls:
         return None
     if ipaddress.ip_address(addr.host.strip("[]")).is_loopback:
-        return None
+        return (f"listens on {addr.host}:{port} WITHOUT encryption or authentication: every "
+                f"local user can read the disks; use a unix socket (file permissions) or "
+                f"tls='yes'")
     return (f"listens on {addr.host}:{port} WITHOUT encryption or authentication: anyone "
             f"who can reach it can read the disks; use tls='yes' or a unix socket")
 
