@@ -77,6 +77,7 @@ class Host:
         self.out = os.path.join(self.base, "out")
         os.mkdir(self.out, 0o700)
         self.dir = os.path.join(self.base, "backup")
+        self.dirs = {self.dir}          # backup directories: what is in them may change
         os.mkdir(self.dir, 0o755)
         self._write_points()
         for entry in os.listdir(self.dir) + ["."]:
@@ -111,11 +112,11 @@ class Host:
         """Every host file outside the backup directory: name -> (mode, digest)."""
         out = {}
         for root, dirs, files in os.walk(self.base):
-            if root.startswith(self.dir):
+            if any(root == d or root.startswith(d + "/") for d in self.dirs):
                 continue
             for name in files + dirs:
                 path = os.path.join(root, name)
-                if path == self.dir:
+                if path in self.dirs:
                     continue
                 st = os.lstat(path)
                 digest = None
@@ -526,3 +527,105 @@ def test_an_intact_directory_still_verifies_and_restores(host):
         assert f.read(2 * MiB) == b"\x11" * MiB + b"\x22" * MiB
     with pytest.raises(errors.AlreadyExists):
         bk.restore(host.dir, "vda", to)
+
+
+# --- with real domains: 3 (another domain's state), 4 (.part link), 5 (swapped directory) -----
+
+def backup_dir_of_nobody(host: Host, name: str) -> str:
+    path = os.path.join(host.base, name)
+    os.mkdir(path, 0o755)
+    os.chown(path, NOBODY, NOBODY)
+    host.dirs.add(path)
+    host.before = host.snapshot()
+    return path
+
+
+def give_to_nobody(path: str) -> None:
+    for entry in os.listdir(path) + ["."]:
+        os.chown(os.path.join(path, entry), NOBODY, NOBODY)
+
+
+def cli_backup_stopped(dom_name: str, target: str, stop: str, attack, host: Host):
+    """``virsh-fleece backup`` stopped at ``stop`` while ``attack()`` runs as nobody."""
+    stops = tempfile.mkdtemp(dir=host.private)
+    env = dict(os.environ, **{faults.STOP_ENV: stop, faults.STOP_DIR_ENV: stops})
+    proc = subprocess.Popen(CLI + ["backup", dom_name, "--target", target], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not os.path.exists(os.path.join(stops, f"{stop}.reached")):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.02)
+        as_nobody(attack)
+        open(os.path.join(stops, f"{stop}.go"), "w").close()
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    shutil.rmtree(stops)
+    return proc.returncode, out, err
+
+
+@pytest.mark.integration
+def test_a_forged_journal_leaves_another_domains_snapshot_and_checkpoint(make_vm, host):
+    import libvirt_fleece as lf
+    a, b = make_vm(disks=1, size_mib=64), make_vm(disks=1, size_mib=64)
+    dir_a, dir_b = (backup_dir_of_nobody(host, n) for n in ("a", "b"))
+    bk.backup(a.dom, dir_a, mode="full")
+    bk.backup(b.dom, dir_b, mode="full")
+    give_to_nobody(dir_a)
+    cp_b = [c.getName() for c in lf.blockCheckpointList(b.dom)]
+    name = "backup-20261101T120000Z"
+    lf.blockSnapshotCreateXML(b.dom, f"<domainblocksnapshot><name>{name}</name>"
+                                     f"</domainblocksnapshot>",
+                              lf.VIR_DOMAIN_BLOCK_SNAPSHOT_CREATE_CHECKPOINT)
+    forged = {"uri": "qemu:///system", "domain_uuid": b.dom.UUIDString(), "snapshot": name,
+              "checkpoint": cp_b[0], "parts": [], "started": 0.0}
+    as_nobody(lambda: _replace(os.path.join(dir_a, mf.JOURNAL), json.dumps(forged).encode()))
+    r = bk.backup(a.dom, dir_a)
+    assert r.mode == "incremental"
+    assert [s.getName() for s in lf.blockSnapshotList(b.dom)] == [name]
+    assert cp_b[0] in [c.getName() for c in lf.blockCheckpointList(b.dom)]
+    assert bk.backup(b.dom, dir_b, mode="incremental").mode == "incremental"
+    lf.blockSnapshotLookupByName(b.dom, name).delete(0)
+
+
+@pytest.mark.integration
+def test_a_part_link_planted_during_a_backup_is_refused(make_vm, host):
+    a = make_vm(disks=1, size_mib=64)
+    target = backup_dir_of_nobody(host, "a")
+    part = os.path.join(target, mf.file_name("vda", 0, part=True))
+    rc, out, err = cli_backup_stopped(a.name, target, "backup:journal-saved",
+                                      lambda: os.symlink(host.victim, part), host)
+    assert rc != 0 and "vda.0000.qcow2.part: exists already" in err, err
+    assert "unexpected" not in err
+    host.assert_host_untouched()
+    import libvirt_fleece as lf
+    assert lf.blockSnapshotList(a.dom) == []
+
+
+@pytest.mark.integration
+def test_a_directory_swapped_during_a_backup_redirects_nothing(make_vm, host):
+    a, b = make_vm(disks=1, size_mib=64), make_vm(disks=1, size_mib=64)
+    parent = backup_dir_of_nobody(host, "shared")          # nobody may rename in here
+    dir_a, dir_b = os.path.join(parent, "a"), os.path.join(host.base, "b")
+    os.mkdir(dir_a, 0o755)
+    os.chown(dir_a, NOBODY, NOBODY)
+    bk.backup(b.dom, dir_b, mode="full")                   # root's own, elsewhere
+    before_b = {n: os.stat(os.path.join(dir_b, n)).st_mtime_ns for n in os.listdir(dir_b)}
+    with open(os.path.join(dir_b, mf.MANIFEST), "rb") as f:
+        manifest_b = f.read()
+
+    def swap():
+        os.rename(dir_a, dir_a + ".moved")
+        os.symlink(dir_b, dir_a)
+    rc, out, err = cli_backup_stopped(a.name, dir_a, "backup:journal-saved", swap, host)
+    assert rc == 0, err
+    with open(os.path.join(dir_b, mf.MANIFEST), "rb") as f:
+        assert f.read() == manifest_b
+    assert {n: os.stat(os.path.join(dir_b, n)).st_mtime_ns for n in os.listdir(dir_b)} == \
+        before_b
+    moved = dir_a + ".moved"        # the backup went on in the directory it opened
+    assert sorted(os.listdir(moved)) == sorted([mf.MANIFEST, mf.LOCK, "vda.0000.qcow2"])
+    assert os.stat(os.path.join(moved, "vda.0000.qcow2")).st_mode & 0o777 == 0o600
