@@ -12,6 +12,7 @@ the error names the offending file. Races stop the process at a stop point
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -518,6 +519,25 @@ def test_restored_files_are_private_and_verify_reports_readable_images(host):
     host.assert_host_untouched(created=[to])
 
 
+def test_images_readable_by_others_are_tightened_and_backup_group_grants_read(
+        host, tmp_path, monkeypatch):
+    image = os.path.join(host.dir, mf.file_name("vda", 0))
+    os.chmod(image, 0o644)
+    with BackupDir(host.dir) as bdir:
+        bk._tighten(bdir, mf.load(bdir))
+    assert os.stat(image).st_mode & 0o777 == 0o600
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text("backup_group: nogroup\n")
+    monkeypatch.setenv("LIBVIRT_FLEECE_CONFIG", str(cfg))
+    to = os.path.join(host.out, "vda.raw")
+    bk.restore(host.dir, "vda", to)
+    st = os.stat(to)
+    assert st.st_mode & 0o777 == 0o640 and st.st_gid == NOBODY
+    report = bk.verify(host.dir)
+    assert report.ok and not any("readable by others" in w for w in report.warnings)
+    host.assert_host_untouched(created=[to])
+
+
 def test_an_intact_directory_still_verifies_and_restores(host):
     report = bk.verify(host.dir)
     assert report.ok and report.checked == ["vda.0000.qcow2", "vda.0001.qcow2"], report
@@ -629,3 +649,46 @@ def test_a_directory_swapped_during_a_backup_redirects_nothing(make_vm, host):
     moved = dir_a + ".moved"        # the backup went on in the directory it opened
     assert sorted(os.listdir(moved)) == sorted([mf.MANIFEST, mf.LOCK, "vda.0000.qcow2"])
     assert os.stat(os.path.join(moved, "vda.0000.qcow2")).st_mode & 0o777 == 0o600
+
+
+# --- 9. metadata naming someone else's socket ----------------------------------------------
+
+@pytest.mark.integration
+@pytest.mark.parametrize("state", ["ready", "creating"])
+def test_forged_metadata_never_unlinks_a_socket_the_plugin_did_not_bind(make_vm, host, state):
+    """A LIVE record naming another program's socket (listening, or dead) in the
+    plugin's own socket directory or elsewhere: the next call repairs the record
+    and leaves the sockets."""
+    import socket as socketlib
+
+    import libvirt
+    import libvirt_fleece as lf
+    from libvirt_fleece import config, metadata
+    t = make_vm(disks=1, size_mib=64)
+    sock_dir = config.load().socket_dir
+    os.makedirs(sock_dir, exist_ok=True)
+    paths = [os.path.join(host.base, "someone-else.sock"),
+             os.path.join(sock_dir, f"{t.name}-foreign.sock")]
+    listeners = []
+    try:
+        for i, path in enumerate(paths):
+            s = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
+            s.bind(path)
+            if i == 0:
+                s.listen(1)
+                listeners.append(s)
+            else:
+                s.close()       # dead: only the file is left
+            doc = (f"<state version='1'><server state='{state}' type='unix' socket='{path}' "
+                   f"fdname='fleece-nbd'/></state>")
+            t.dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, doc, metadata.NS_PREFIX,
+                              metadata.NS_URI, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            lf.blockSnapshotList(t.dom)
+            lf.repair(t.dom)
+            assert os.path.exists(path), f"{path} was unlinked because metadata named it"
+    finally:
+        for s in listeners:
+            s.close()
+        for path in paths:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
