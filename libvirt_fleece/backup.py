@@ -808,7 +808,7 @@ def _convert(opened: OpenChain, out: BackupDir, name: str) -> None:
     through the descriptor of a file without a name (O_TMPFILE; where the
     filesystem lacks it, a new name created with O_EXCL), then that very inode is
     linked to ``name`` (never over an existing name, never through a link).
-    Raises AlreadyExists, CopyError."""
+    Raises AlreadyExists, CopyError, UnsafeFile (the temporary name was swapped)."""
     fmt = "qcow2" if name.endswith(".qcow2") else "raw"
     fd, tmp = _new_file(out, name)
     try:
@@ -822,6 +822,10 @@ def _convert(opened: OpenChain, out: BackupDir, name: str) -> None:
         except FileExistsError as e:
             raise errors.AlreadyExists(f"{out.show(name)} already exists; restore never "
                                        f"overwrites a file") from e
+        except FileNotFoundError as e:      # a named temporary was unlinked or replaced
+            raise UnsafeFile(out.show(tmp or name), "was removed or replaced while the "
+                             "restore wrote it (nothing was written elsewhere); restore "
+                             "again into a directory only you can write to") from e
     finally:
         os.close(fd)
         if tmp is not None:
@@ -838,5 +842,11 @@ def _new_file(out: BackupDir, name: str) -> tuple[int, Optional[str]]:
         os.fchmod(fd, _image_mode())
         return fd, None
     except OSError:
-        tmp = f".{name}.{os.urandom(6).hex()}.restoring"
-        return out.create(tmp, _image_mode()), tmp
+        return _new_named_file(out, name)
+
+
+def _new_named_file(out: BackupDir, name: str) -> tuple[int, str]:
+    """A new private file under a fresh temporary name (O_EXCL, never a link), for
+    filesystems without O_TMPFILE (NFS). Raises UnsafeFile, OSError."""
+    tmp = f".{name}.{os.urandom(6).hex()}.restoring"
+    return out.create(tmp, _image_mode()), tmp

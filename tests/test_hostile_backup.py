@@ -507,6 +507,51 @@ def test_a_link_renamed_over_the_restore_target_redirects_nothing(host, tmp_path
                                                       for n in os.listdir(stops)])
 
 
+def test_a_link_renamed_over_a_named_restore_temporary_redirects_nothing(host, monkeypatch):
+    """Without O_TMPFILE (NFS) restore writes under a temporary name: the attacker,
+    owning the directory, renames a link to a root file over it at the stop point."""
+    import threading
+    os.chown(host.out, NOBODY, NOBODY)
+    os.chmod(host.out, 0o755)
+    host.before = host.snapshot()
+    stops = tempfile.mkdtemp(dir=host.private)
+    monkeypatch.setattr(bk, "_new_file", bk._new_named_file)
+    monkeypatch.setenv(faults.STOP_ENV, "restore:target-created")
+    monkeypatch.setenv(faults.STOP_DIR_ENV, stops)
+    to = os.path.join(host.out, "vda.raw")
+    failure = []
+
+    def run():
+        try:
+            bk.restore(host.dir, "vda", to)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            failure.append(e)
+    worker = threading.Thread(target=run)
+    worker.start()
+    reached = os.path.join(stops, "restore:target-created.reached")
+    deadline = time.monotonic() + 60
+    while not os.path.exists(reached) and worker.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert os.path.exists(reached), failure
+
+    def attack():
+        names = [n for n in os.listdir(host.out) if n.endswith(".restoring")]
+        assert len(names) == 1, names
+        link = os.path.join(host.out, "planted")
+        os.symlink(host.victim, link)
+        os.rename(link, os.path.join(host.out, names[0]))
+    as_nobody(attack)
+    open(os.path.join(stops, "restore:target-created.go"), "w").close()
+    worker.join(120)
+    assert not worker.is_alive()
+    # the image went only into root's own file, now without a name: a clear error
+    assert len(failure) == 1 and isinstance(failure[0], UnsafeFile), failure
+    assert ".restoring: was removed or replaced while the restore wrote it" in str(failure[0])
+    assert os.listdir(host.out) == []       # no --to, and the planted link is gone too
+    shutil.rmtree(stops)
+    host.assert_host_untouched()
+
+
 # --- 8. private by default ------------------------------------------------------------------
 
 def test_restored_files_are_private_and_verify_reports_readable_images(host):
