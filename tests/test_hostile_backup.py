@@ -657,6 +657,27 @@ def test_a_forged_journal_leaves_another_domains_snapshot_and_checkpoint(make_vm
 
 
 @pytest.mark.integration
+def test_backup_refuses_a_manifest_naming_a_file_outside(make_vm, host):
+    """``backup --incremental`` with an absolute ``file`` (attack 10): refused before
+    anything is made; no point is backed by a host file."""
+    import libvirt_fleece as lf
+    a = make_vm(disks=1, size_mib=64)
+    target = backup_dir_of_nobody(host, "a")
+    bk.backup(a.dom, target, mode="full")
+    give_to_nobody(target)
+    with open(os.path.join(target, mf.MANIFEST)) as f:
+        data = json.load(f)
+    data["points"][0]["disks"][0]["file"] = host.secret
+    as_nobody(lambda: _replace(os.path.join(target, mf.MANIFEST), json.dumps(data).encode()))
+    r = cli("backup", a.name, "--target", target, "--incremental", timeout=120)
+    assert r.returncode != 0 and "manifest.json is not a valid backup manifest" in r.stderr
+    assert "is not a backup file name" in r.stderr, r.stderr
+    assert lf.blockSnapshotList(a.dom) == []
+    assert sorted(os.listdir(target)) == [mf.LOCK, mf.MANIFEST, "vda.0000.qcow2"]
+    host.assert_host_untouched()
+
+
+@pytest.mark.integration
 def test_a_part_link_planted_during_a_backup_is_refused(make_vm, host):
     a = make_vm(disks=1, size_mib=64)
     target = backup_dir_of_nobody(host, "a")
