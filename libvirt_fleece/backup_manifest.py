@@ -24,6 +24,15 @@ data is complete and flushed and the manifest lists them. The journal names
 every ``.part`` file, snapshot and checkpoint a run creates before it
 creates them, so the next run (holding the lock, hence sure the writer is
 gone) removes exactly those and nothing else.
+
+Everything in a backup directory is untrusted input (issue #12): whoever can
+write there may forge the manifest, the journal and every qcow2 header. So
+the manifest's fields are checked against the directory's own rules when it is
+read (:func:`_from_json`: file names of this directory only, increasing
+indexes, backing files of earlier points, bounded sizes and JSON), files are
+reached only through the directory's descriptor (:mod:`.backup_dir`), qemu
+gets the manifest's chain, never a header's (:mod:`.backup_chain`), and the
+journal is a hint next to the root-only record of :mod:`.backup_state`.
 """
 
 from __future__ import annotations
