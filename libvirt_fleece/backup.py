@@ -39,6 +39,7 @@ import logging
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 import threading
@@ -49,10 +50,12 @@ import libvirt
 from lxml import etree
 
 from . import __version__
-from . import (backup_copy, checkpoints, disks as disklib, errors, exports, fsutil, qmp,
-               snapshots, virt)
+from . import (backup_copy, backup_state, checkpoints, config, disks as disklib, errors,
+               exports, faults, qmp, snapshots, virt)
 from .backup_copy import Cancelled, CopyError
+from .backup_chain import OpenChain, spec as chain_spec
 from .backup_digest import LayerDigest, digest_file
+from .backup_dir import BackupDir, UnsafeFile, fd_path
 from .backup_guard import Guard
 from .backup_manifest import (BackupBusy, BackupCorrupt, BackupTargetError, DirLock, DiskEntry,
                               Journal, Manifest, Point, Writer)
@@ -162,7 +165,7 @@ def _checkpoint_problem(dom: libvirt.virDomain, name: str) -> Optional[str]:
     return f"checkpoint {name} of the last backup is invalid ({'; '.join(reasons) or 'unknown'})"
 
 
-def _decide(dom: libvirt.virDomain, directory: str, manifest: Manifest, disks: list[_Disk],
+def _decide(dom: libvirt.virDomain, bdir: BackupDir, manifest: Manifest, disks: list[_Disk],
             mode: str) -> tuple[str, str, Optional[Point]]:
     """(mode, why, base point) for this run. Raises NoValidChain for an impossible
     incremental."""
@@ -171,7 +174,7 @@ def _decide(dom: libvirt.virDomain, directory: str, manifest: Manifest, disks: l
     problem = None
     last = manifest.points[-1] if manifest.points else None
     if last is None:
-        problem = f"{directory} holds no backup yet"
+        problem = f"{bdir.path} holds no backup yet"
     else:
         before = {d.name: d.size for d in last.disks}
         now = {d.name: d.size for d in disks}
@@ -184,8 +187,7 @@ def _decide(dom: libvirt.virDomain, directory: str, manifest: Manifest, disks: l
             if resized:
                 problem = f"disks were resized since point {last.index}: {', '.join(resized)}"
         if problem is None:
-            missing = [d.file for d in last.disks
-                       if not os.path.exists(os.path.join(directory, d.file))]
+            missing = [d.file for d in last.disks if not bdir.exists(d.file)]
             if missing:
                 problem = f"files of point {last.index} are missing: {', '.join(missing)}"
         if problem is None:
@@ -311,17 +313,26 @@ def backup(dom: libvirt.virDomain, target_dir: str, mode: str = "auto",
         raise errors.InvalidArgument(f"mode {mode!r} is not one of {', '.join(MODES)}")
     virt.check_domain(dom)
     directory = mf.check_target(target_dir, create=True)
-    lock = DirLock(directory, wait=30.0)
+    with BackupDir(directory) as bdir:      # every file through this descriptor
+        return _backup_in(dom, bdir, mode, disks, progress, in_flight)
+
+
+def _backup_in(dom: libvirt.virDomain, bdir: BackupDir, mode: str,
+               disks: Optional[list[str]], progress: Optional[ProgressCallback],
+               in_flight: int) -> BackupResult:
+    """backup() in the opened directory ``bdir``; raises what backup() raises."""
+    directory = bdir.path
+    lock = DirLock(bdir, wait=30.0)
     try:
-        recover(directory, dom.connect())
-        manifest = mf.load(directory)
+        recover(bdir, dom.connect())
+        manifest = mf.load(bdir)
         uuid = dom.UUIDString()
         if manifest is not None and manifest.domain_uuid != uuid:
             raise BackupTargetError(
                 f"{directory} holds the backups of domain {manifest.domain_name!r} "
                 f"(UUID {manifest.domain_uuid}), not of {dom.name()!r} (UUID {uuid}); "
                 f"use one directory per domain")
-        foreign = mf.foreign_files(directory, manifest)
+        foreign = mf.foreign_files(bdir, manifest)
         if foreign:
             shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
             raise BackupTargetError(
@@ -330,13 +341,14 @@ def backup(dom: libvirt.virDomain, target_dir: str, mode: str = "auto",
         if manifest is None:
             manifest = Manifest(domain_name=dom.name(), domain_uuid=uuid)
         chosen = _domain_disks(dom, disks)
-        mode, reason, base = _decide(dom, directory, manifest, chosen, mode)
+        mode, reason, base = _decide(dom, bdir, manifest, chosen, mode)
+        _tighten(bdir, manifest)
         _say(progress, f"{mode} backup of {dom.name()} ({', '.join(d.name for d in chosen)}): "
                        f"{reason}")
         with _sigterm_as_interrupt():
-            guard = Guard(directory, lock.fd)
+            guard = Guard(directory, lock.fd, bdir.fd)
             try:
-                point = _run(dom, directory, manifest, chosen, mode, reason, base, progress,
+                point = _run(dom, bdir, manifest, chosen, mode, reason, base, progress,
                              in_flight)
             finally:
                 guard.done()
@@ -345,7 +357,7 @@ def backup(dom: libvirt.virDomain, target_dir: str, mode: str = "auto",
         lock.release()
 
 
-def _run(dom: libvirt.virDomain, directory: str, manifest: Manifest, disks: list[_Disk],
+def _run(dom: libvirt.virDomain, bdir: BackupDir, manifest: Manifest, disks: list[_Disk],
          mode: str, reason: str, base: Optional[Point], progress: Optional[ProgressCallback],
          in_flight: int) -> Point:
     started = time.monotonic()
@@ -356,7 +368,8 @@ def _run(dom: libvirt.virDomain, directory: str, manifest: Manifest, disks: list
                       snapshot=name, checkpoint=name,
                       parts=[mf.file_name(d.name, index, part=True) for d in disks],
                       started=time.time())
-    journal.save(directory)
+    _save_journal(bdir, journal)
+    faults.stoppoint("backup:journal-saved")
     sockdir = tempfile.mkdtemp(prefix="libvirt-fleece-backup-")     # mode 0700
     sock = os.path.join(sockdir, "nbd.sock")
     committed = False
@@ -373,13 +386,13 @@ def _run(dom: libvirt.virDomain, directory: str, manifest: Manifest, disks: list
                     raise
                 name = f"{NAME_PREFIX}{stamp}.{attempt}"
                 journal.snapshot = journal.checkpoint = name
-                journal.save(directory)
+                _save_journal(bdir, journal)
         exports.start(dom, _export_xml(sock, name, disks, base))
         exported = _exported(dom, name)
         bitmaps = _bitmaps(exported) if base is not None else {}
         writer = _writer_info(dom, exported)
         t_setup = time.monotonic()
-        entries = _copy_all(directory, disks, index, base, sock, bitmaps, progress,
+        entries = _copy_all(bdir, manifest, disks, index, base, sock, bitmaps, progress,
                             in_flight)
         t_copy = time.monotonic()
         _teardown(dom, name)
@@ -389,12 +402,12 @@ def _run(dom: libvirt.virDomain, directory: str, manifest: Manifest, disks: list
                       reason=reason, duration=round(time.monotonic() - started, 3),
                       writer=writer)
         manifest.points.append(point)
-        mf.save(directory, manifest)       # from here on the point exists (roll forward)
+        mf.save(bdir, manifest)       # from here on the point exists (roll forward)
         committed = True
         for e in entries:
-            os.rename(os.path.join(directory, e.file + ".part"), os.path.join(directory, e.file))
-        fsutil.fsync_dir(directory)
-        Journal.remove(directory)
+            bdir.rename(e.file + ".part", e.file)
+        bdir.fsync()
+        _remove_journal(bdir)
         _say(progress, f"point {index} ({mode}) done: {_human(point_copied(point))} copied "
                        f"in {point.duration:.1f} s")
         return point
@@ -403,10 +416,10 @@ def _run(dom: libvirt.virDomain, directory: str, manifest: Manifest, disks: list
             raise
         log.info("backup of %s failed; cleaning up", dom.name())
         try:
-            _cleanup(dom, directory, journal, delete_checkpoint=True)
+            _cleanup(dom, bdir, journal, delete_checkpoint=True)
         except Exception:  # noqa: BLE001 - the guard / next run retries; keep the cause
             log.exception("cleaning up after the failed backup failed; the next backup "
-                          "into %s retries", directory)
+                          "into %s retries", bdir.path)
         raise
     finally:
         shutil.rmtree(sockdir, ignore_errors=True)
@@ -421,7 +434,8 @@ def _human(n: float) -> str:
     return _size(n)
 
 
-def _copy_all(directory: str, disks: list[_Disk], index: int, base: Optional[Point],
+def _copy_all(bdir: BackupDir, manifest: Manifest, disks: list[_Disk], index: int,
+              base: Optional[Point],
               sock: str, bitmaps: dict[str, str], progress: Optional[ProgressCallback],
               in_flight: int) -> list[DiskEntry]:
     """Plan every disk, then copy all of them in parallel threads."""
@@ -443,22 +457,28 @@ def _copy_all(directory: str, disks: list[_Disk], index: int, base: Optional[Poi
 
         def one(d: _Disk, src, extents) -> DiskEntry:
             file = mf.file_name(d.name, index)
-            path = os.path.join(directory, file + ".part")
             backing = base.disk(d.name).file if base is not None else None
-            cmd = ["qemu-img", "create", "-q", "-f", "qcow2",
-                   "-o", f"cluster_size={backup_copy.CLUSTER}"]
-            if backing:
-                cmd += ["-b", backing, "-F", "qcow2"]
-            _run_tool(cmd + [path, str(d.size)])
-            dst = backup_copy.connect_target(path)
-            digest = LayerDigest()
+            chain = manifest.chain(base, d.name) if base is not None else []
+            fd = bdir.create(file + ".part", _image_mode())     # O_EXCL, never a link
             try:
-                copied = backup_copy.copy(src, dst, extents, counter.add, cancel, digest,
-                                          in_flight)
-                dst.shutdown()
+                _own_image(fd)
+                cmd = ["qemu-img", "create", "-q", "-f", "qcow2", "-u",
+                       "-o", f"cluster_size={backup_copy.CLUSTER}"]
+                if backing:
+                    cmd += ["-b", backing, "-F", "qcow2"]      # the name, for qemu-img users
+                _run_tool(cmd + [fd_path(fd), str(d.size)])
+                with OpenChain(bdir, chain, _max_size(), top_fd=fd) as opened:
+                    dst = backup_copy.connect_target(opened.address)
+                    digest = LayerDigest()
+                    try:
+                        copied = backup_copy.copy(src, dst, extents, counter.add, cancel,
+                                                  digest, in_flight)
+                        dst.shutdown()
+                    finally:
+                        del dst     # waits for qemu-nbd, which closes the image cleanly
+                os.fsync(fd)
             finally:
-                del dst     # waits for qemu-nbd, which closes the image cleanly
-            backup_copy.fsync_file(path)
+                os.close(fd)
             return DiskEntry(name=d.name, file=file, size=d.size, copied=copied,
                              layer_sha256=digest.hexdigest(), backing=backing)
 
@@ -505,7 +525,7 @@ def _teardown(dom: libvirt.virDomain, name: str) -> None:
         pass
 
 
-def _cleanup(dom: Optional[libvirt.virDomain], directory: str, journal: Journal,
+def _cleanup(dom: Optional[libvirt.virDomain], bdir: BackupDir, journal: Journal,
              delete_checkpoint: bool) -> None:
     """Undo what the journal names: snapshot (with exports), checkpoint, .part files."""
     if dom is not None and dom.isActive():
@@ -525,25 +545,53 @@ def _cleanup(dom: Optional[libvirt.virDomain], directory: str, journal: Journal,
         log.warning("domain is not running: checkpoint %s of the unfinished backup was not "
                     "deleted (harmless; delete it with blockcheckpoint-delete)",
                     journal.checkpoint)
-    for part in journal.parts:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(directory, part))
-    fsutil.fsync_dir(directory)
-    Journal.remove(directory)
+    for part in journal.parts:      # .part names (Journal.from_json), in this directory
+        bdir.unlink(part)
+    bdir.fsync()
+    _remove_journal(bdir)
 
 
-def recover(directory: str, conn: Optional[libvirt.virConnect] = None) -> list[str]:
+def recover(directory: "str | BackupDir",
+            conn: Optional[libvirt.virConnect] = None) -> list[str]:
     """Finish or undo what an interrupted backup into ``directory`` left; the caller
-    holds the directory's lock (or is its guard). Returns what was done."""
+    holds the directory's lock (or is its guard). Returns what was done.
+
+    Snapshots, checkpoints and domains are acted on only as the root-only record
+    in the state directory says (:mod:`.backup_state`); the directory's journal is
+    a hint, ignored with a warning where the record does not agree."""
+    with mf._opened(directory) as bdir:
+        return _recover(bdir, conn)
+
+
+def _trusted_journal(bdir: BackupDir) -> Optional[Journal]:
+    """The journal to act on: the state directory's record; without one, only the
+    ``.part`` files the directory's journal names (files of this directory, by
+    their checked names), nothing of any domain."""
+    hint = Journal.load(bdir)
+    record = backup_state.load(bdir)
+    if record is None:
+        if hint is not None and (hint.domain_uuid or hint.snapshot or hint.checkpoint):
+            log.warning("%s names snapshot %s and checkpoint %s of domain %s, but no backup "
+                        "run of this host recorded them; ignoring them (removing only the "
+                        ".part files it names)", bdir.show(mf.JOURNAL), hint.snapshot,
+                        hint.checkpoint, hint.domain_uuid or "?")
+        return Journal(uri="", domain_uuid="", parts=hint.parts) if hint is not None else None
+    if hint != record:
+        log.warning("%s does not match the record of the run that wrote it; ignoring it",
+                    bdir.show(mf.JOURNAL))
+    return record
+
+
+def _recover(bdir: BackupDir, conn: Optional[libvirt.virConnect]) -> list[str]:
     done: list[str] = []
-    for entry in os.listdir(directory):
+    for entry in bdir.listdir():
         if mf.TMP_RE.match(entry):
-            os.unlink(os.path.join(directory, entry))
+            bdir.unlink(entry)
             done.append(f"removed temporary file {entry}")
-    journal = Journal.load(directory)
+    journal = _trusted_journal(bdir)
     if journal is None:
         return done
-    manifest = mf.load(directory)
+    manifest = mf.load(bdir)
     point = next((p for p in manifest.points if p.checkpoint == journal.checkpoint), None) \
         if manifest is not None and journal.checkpoint else None
     dom = None
@@ -559,19 +607,67 @@ def recover(directory: str, conn: Optional[libvirt.virConnect] = None) -> list[s
             log.warning("cannot reach libvirt to clean up domain %s: %s", journal.domain_uuid, e)
     if point is not None:       # the manifest lists it: roll forward
         for e in point.disks:
-            final = os.path.join(directory, e.file)
-            if os.path.exists(final + ".part") and not os.path.exists(final):
-                os.rename(final + ".part", final)
-        fsutil.fsync_dir(directory)
+            if bdir.exists(e.file + ".part") and not bdir.exists(e.file):
+                bdir.rename(e.file + ".part", e.file)
+        bdir.fsync()
         if dom is not None and dom.isActive() and journal.snapshot:
             _teardown(dom, journal.snapshot)
-        Journal.remove(directory)
+        _remove_journal(bdir)
         done.append(f"completed point {point.index}")
         return done
-    _cleanup(dom, directory, journal, delete_checkpoint=True)
+    _cleanup(dom, bdir, journal, delete_checkpoint=True)
     done.append(f"removed the unfinished backup {journal.snapshot}")
-    log.warning("cleaned up the unfinished backup %s in %s", journal.snapshot, directory)
+    log.warning("cleaned up the unfinished backup %s in %s", journal.snapshot, bdir.path)
     return done
+
+
+def _save_journal(bdir: BackupDir, journal: Journal) -> None:
+    """The record in the state directory first (authoritative), then the
+    directory's copy (a hint for people and older versions). Raises OSError."""
+    backup_state.save(bdir, journal)
+    journal.save(bdir)
+
+
+def _remove_journal(bdir: BackupDir) -> None:
+    Journal.remove(bdir)
+    backup_state.remove(bdir)
+
+
+def _max_size() -> int:
+    return config.load().backup_max_virtual_size
+
+
+def _image_mode() -> int:
+    """0600, or 0640 when ``backup_group`` grants a group read access."""
+    return 0o640 if config.load().backup_group else 0o600
+
+
+def _own_image(fd: int) -> None:
+    """Give a new image (or restored file) the configured group, if any."""
+    group = config.load().backup_group
+    if group:
+        import grp
+        os.fchown(fd, -1, grp.getgrnam(group).gr_gid)
+
+
+def _tighten(bdir: BackupDir, manifest: Manifest) -> None:
+    """Images earlier versions wrote readable by others (0644) become private."""
+    mode = _image_mode()
+    for p in manifest.points:
+        for d in p.disks:
+            st = bdir.lstat(d.file)
+            if st is None or not stat.S_ISREG(st.st_mode) or not st.st_mode & 0o777 & ~mode:
+                continue
+            try:
+                fd = bdir.open(d.file)
+            except (OSError, UnsafeFile):
+                continue        # verify and restore refuse it and say why
+            try:
+                os.fchmod(fd, stat.S_IMODE(os.fstat(fd).st_mode) & mode)
+                log.warning("%s was readable by others; now mode %o", bdir.show(d.file),
+                            stat.S_IMODE(os.fstat(fd).st_mode))
+            finally:
+                os.close(fd)
 
 
 # --- reading a backup ------------------------------------------------------------------
@@ -579,114 +675,178 @@ def recover(directory: str, conn: Optional[libvirt.virConnect] = None) -> list[s
 def info(target_dir: str) -> Manifest:
     """The manifest of a backup directory. Raises BackupTargetError, BackupCorrupt."""
     directory = mf.check_target(target_dir, create=False)
-    manifest = mf.load(directory)
+    with BackupDir(directory) as bdir:
+        return _info(bdir)
+
+
+def _info(bdir: BackupDir) -> Manifest:
+    manifest = mf.load(bdir)
     if manifest is None:
-        raise BackupTargetError(f"{directory} holds no backup (no {mf.MANIFEST})")
+        raise BackupTargetError(f"{bdir.path} holds no backup (no {mf.MANIFEST})")
     return manifest
 
 
 def verify(target_dir: str) -> VerifyReport:
-    """Check every file of every point against the manifest (checksum, size, backing),
-    and warn about the points an affected version wrote (which a matching checksum
-    cannot prove right). Raises BackupTargetError, BackupCorrupt."""
+    """Check every file of every point against the manifest (header, checksum, size,
+    backing; each file opened through the directory's descriptor, its chain given to
+    qemu as the manifest names it), and warn about the points an affected version
+    wrote and about images readable by others. Raises BackupTargetError, BackupCorrupt."""
     directory = mf.check_target(target_dir, create=False)
-    manifest = info(directory)
-    checked, problems = [], []
-    for p in manifest.points:
-        for d in p.disks:
-            path = os.path.join(directory, d.file)
-            checked.append(d.file)
-            if not os.path.exists(path):
-                problems.append(f"point {p.index} disk {d.name}: {d.file} is missing")
-                continue
-            found = _check_image(p, d, path)
+    with BackupDir(directory) as bdir:
+        manifest = _info(bdir)
+        checked, problems = [], []
+        warnings = point_warnings(manifest)
+        for p in manifest.points:
+            for d in p.disks:
+                checked.append(d.file)
+                problems += _verify_one(bdir, manifest, p, d)
+                st = bdir.lstat(d.file)
+                if st is not None and st.st_mode & 0o777 & ~_image_mode():
+                    warnings.append(f"WARNING: {d.file} is mode {stat.S_IMODE(st.st_mode):o}: "
+                                    f"readable by others; the next backup makes it private")
+    return VerifyReport(checked=checked, problems=problems, warnings=warnings)
+
+
+def _verify_one(bdir: BackupDir, manifest: Manifest, p: Point, d: DiskEntry) -> list[str]:
+    """What is wrong with one file of one point (its chain opened as the manifest says)."""
+    where = f"point {p.index} disk {d.name}"
+    try:
+        chain = manifest.chain(p, d.name)
+        with OpenChain(bdir, chain, _max_size()) as opened:
+            found = _check_image(where, d, opened)
             if not found:
-                found = _check_content(p, d, path)
-            problems += found
-    return VerifyReport(checked=checked, problems=problems, warnings=point_warnings(manifest))
+                found = _check_content(where, d, opened)
+            return found
+    except FileNotFoundError as e:
+        return [f"{where}: {d.file} is missing ({os.path.basename(e.filename or '')})"]
+    except (BackupCorrupt, errors.NotFound) as e:
+        return [f"{where}: {e}"]
 
 
-def _matches(d: DiskEntry, path: str) -> bool:
-    """Whether the file holds what the manifest says (its layer digest, or for
-    format /1 entries the SHA-256 of its bytes). Raises CopyError."""
+def _matches(d: DiskEntry, opened: OpenChain) -> bool:
+    """Whether the top of ``opened`` holds what the manifest says (its layer digest,
+    or for format /1 entries the SHA-256 of its bytes). Raises CopyError."""
     if d.sha256:
-        return mf.sha256_file(path) == d.sha256
-    return digest_file(path) == d.layer_sha256
+        return mf.sha256_file(fd_path(opened.fds[-1])) == d.sha256
+    return digest_file(opened.address) == d.layer_sha256
 
 
-def _check_content(p: Point, d: DiskEntry, path: str) -> list[str]:
+def _check_content(where: str, d: DiskEntry, opened: OpenChain) -> list[str]:
     try:
-        if _matches(d, path):
+        if _matches(d, opened):
             return []
-    except CopyError as e:
-        return [f"point {p.index} disk {d.name}: cannot read {d.file}: {e}"]
-    return [f"point {p.index} disk {d.name}: {d.file} does not match its checksum"]
+    except (CopyError, OSError) as e:
+        return [f"{where}: cannot read {d.file}: {e}"]
+    return [f"{where}: {d.file} does not match its checksum"]
 
 
-def _check_image(p: Point, d: DiskEntry, path: str) -> list[str]:
-    """What ``qemu-img info`` and ``qemu-img check`` find wrong with the file."""
-    import json
-    try:
-        data = json.loads(_run_tool(["qemu-img", "info", "--output=json", "-U", path]))
-    except (CopyError, ValueError) as e:
-        return [f"point {p.index} disk {d.name}: qemu-img cannot read {d.file}: {e}"]
-    check = subprocess.run(["qemu-img", "check", "-U", "-q", "-f", "qcow2", path],
-                           capture_output=True, text=True, check=False)
+def _check_image(where: str, d: DiskEntry, opened: OpenChain) -> list[str]:
+    """What ``qemu-img check`` finds wrong with the top layer alone (``backing: null``;
+    its header was checked against the manifest by OpenChain)."""
+    check = subprocess.run(["qemu-img", "check", "-U", "-q", "-f", "qcow2",
+                            chain_spec([fd_path(opened.fds[-1])])],
+                           capture_output=True, text=True, check=False, timeout=3600)
     if check.returncode not in (0, 3):      # 3: leaked clusters only, the data is intact
-        return [f"point {p.index} disk {d.name}: qemu-img check finds {d.file} damaged: "
+        return [f"{where}: qemu-img check finds {d.file} damaged: "
                 f"{(check.stderr or check.stdout).strip()[:500]}"]
-    out = []
-    if data.get("format") != "qcow2" or data.get("virtual-size") != d.size:
-        out.append(f"point {p.index} disk {d.name}: {d.file} is not a qcow2 of {d.size} bytes")
-    if data.get("backing-filename") != d.backing:
-        out.append(f"point {p.index} disk {d.name}: {d.file} has backing file "
-                   f"{data.get('backing-filename')!r}, the manifest says {d.backing!r}")
-    return out
+    return []
 
 
 def restore(target_dir: str, disk: str, to_path: str, point: Optional[int] = None,
             check: bool = True) -> str:
     """Write the image of ``disk`` at backup ``point`` (default: the newest) to
-    ``to_path``: qcow2 when it ends in ``.qcow2``, raw otherwise. Never overwrites.
+    ``to_path``: qcow2 when it ends in ``.qcow2``, raw otherwise, mode 0600 (0640
+    with ``backup_group``). Never overwrites, never follows a link at ``to_path``.
 
+    The chain is opened through the backup directory's descriptor, each header
+    checked against the manifest, and given to qemu-img as the manifest names it.
     With ``check`` the chain's checksums are verified first. Raises NotFound,
     AlreadyExists, BackupCorrupt, BackupTargetError."""
     directory = mf.check_target(target_dir, create=False)
-    manifest = info(directory)
-    chosen = manifest.point(point)
-    chain = manifest.chain(chosen, disk)
     to_path = os.path.abspath(to_path)
     if os.path.lexists(to_path):
         raise errors.AlreadyExists(f"{to_path} already exists; restore never overwrites a "
                                    f"file: remove it or choose another path")
     if not os.path.isdir(os.path.dirname(to_path)):
         raise errors.InvalidArgument(f"directory {os.path.dirname(to_path)} does not exist")
-    for e in chain:
-        path = os.path.join(directory, e.file)
-        if not os.path.exists(path):
-            raise BackupCorrupt(f"{path} is missing; point {chosen.index} cannot be restored")
+    with BackupDir(directory) as bdir:
+        manifest = _info(bdir)
+        chosen = manifest.point(point)
+        chain = manifest.chain(chosen, disk)
         try:
-            intact = not check or _matches(e, path)
-        except CopyError as err:
-            raise BackupCorrupt(f"{path} cannot be read ({err}); point {chosen.index} "
-                                f"cannot be restored") from err
-        if not intact:
-            raise BackupCorrupt(f"{path} does not match its checksum in the manifest; "
-                                f"point {chosen.index} cannot be restored")
-    fmt = "qcow2" if to_path.endswith(".qcow2") else "raw"
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(to_path)}.", suffix=".restoring",
-                               dir=os.path.dirname(to_path))
-    os.close(fd)
-    try:
-        _run_tool(["qemu-img", "convert", "-f", "qcow2", "-O", fmt, "-W", "-m", "8",
-                   os.path.join(directory, chain[-1].file), tmp])
-        backup_copy.fsync_file(tmp)
-        try:
-            os.link(tmp, to_path)       # fails if to_path appeared meanwhile
-        except FileExistsError as e:
-            raise errors.AlreadyExists(f"{to_path} already exists; restore never "
-                                       f"overwrites a file") from e
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+            opened = OpenChain(bdir, chain, _max_size())
+        except FileNotFoundError as e:
+            raise BackupCorrupt(f"{bdir.path}/{os.path.basename(e.filename or '?')} is "
+                                f"missing; point {chosen.index} cannot be restored") from e
+        with opened:
+            if check:
+                _check_chain(bdir, chain, opened, chosen)
+            with BackupDir(os.path.dirname(to_path)) as out:
+                _convert(opened, out, os.path.basename(to_path))
     return to_path
+
+
+def _check_chain(bdir: BackupDir, chain: list[DiskEntry], opened: OpenChain,
+                 chosen: Point) -> None:
+    """Every layer's checksum. Raises BackupCorrupt naming the file."""
+    paths = [fd_path(fd) for fd in opened.fds]
+    for i, e in enumerate(chain):
+        layer = OpenChain.__new__(OpenChain)
+        layer.fds, layer.address = opened.fds[:i + 1], chain_spec(paths[:i + 1])
+        try:
+            intact = _matches(e, layer)
+        except (CopyError, OSError) as err:
+            raise BackupCorrupt(f"{bdir.show(e.file)} cannot be read ({err}); point "
+                                f"{chosen.index} cannot be restored") from err
+        if not intact:
+            raise BackupCorrupt(f"{bdir.show(e.file)} does not match its checksum in the "
+                                f"manifest; point {chosen.index} cannot be restored")
+
+
+def _convert(opened: OpenChain, out: BackupDir, name: str) -> None:
+    """qemu-img convert of the chain into a new file ``name`` of ``out``: written
+    through the descriptor of a file without a name (O_TMPFILE; where the
+    filesystem lacks it, a new name created with O_EXCL), then that very inode is
+    linked to ``name`` (never over an existing name, never through a link).
+    Raises AlreadyExists, CopyError, UnsafeFile (the temporary name was swapped)."""
+    fmt = "qcow2" if name.endswith(".qcow2") else "raw"
+    fd, tmp = _new_file(out, name)
+    try:
+        _own_image(fd)
+        faults.stoppoint("restore:target-created")
+        _run_tool(["qemu-img", "convert", "-f", "qcow2", "-O", fmt, "-W", "-m", "8",
+                   opened.address, fd_path(fd)])
+        os.fsync(fd)
+        try:        # the inode behind fd, whatever its temporary name points to now
+            os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=out.fd, follow_symlinks=True)
+        except FileExistsError as e:
+            raise errors.AlreadyExists(f"{out.show(name)} already exists; restore never "
+                                       f"overwrites a file") from e
+        except FileNotFoundError as e:      # a named temporary was unlinked or replaced
+            raise UnsafeFile(out.show(tmp or name), "was removed or replaced while the "
+                             "restore wrote it (nothing was written elsewhere); restore "
+                             "again into a directory only you can write to") from e
+    finally:
+        os.close(fd)
+        if tmp is not None:
+            st = out.lstat(tmp)
+            if st is not None and not stat.S_ISDIR(st.st_mode):
+                out.unlink(tmp)
+
+
+def _new_file(out: BackupDir, name: str) -> tuple[int, Optional[str]]:
+    """(descriptor, temporary name or None) of a new empty private file in ``out``."""
+    try:
+        fd = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, _image_mode(),
+                     dir_fd=out.fd)
+        os.fchmod(fd, _image_mode())
+        return fd, None
+    except OSError:
+        return _new_named_file(out, name)
+
+
+def _new_named_file(out: BackupDir, name: str) -> tuple[int, str]:
+    """A new private file under a fresh temporary name (O_EXCL, never a link), for
+    filesystems without O_TMPFILE (NFS). Raises UnsafeFile, OSError."""
+    tmp = f".{name}.{os.urandom(6).hex()}.restoring"
+    return out.create(tmp, _image_mode()), tmp

@@ -83,8 +83,10 @@ class LayerDigest:
 
 
 def digest_file(path: str) -> str:
-    """The layer digest of a qcow2 file, read through ``qemu-nbd`` (its backing files
-    must be where its header says). Raises CopyError."""
+    """The layer digest of a qcow2 file, read through ``qemu-nbd``. ``path``: the
+    ``json:`` address of its chain (:class:`.backup_chain.OpenChain`, as backups,
+    verify and restore give it), or for a trusted file a plain path (qemu then
+    follows its header). Raises CopyError."""
     h = bc.connect_reader(path, (DEPTH,))
     try:
         size = h.get_size()

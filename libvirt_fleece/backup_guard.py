@@ -2,7 +2,8 @@
 """Clean up after a backup whose process was killed (SIGKILL, OOM, lost session).
 
 A running backup starts this as a detached process with a pipe on its
-stdin and the backup directory's lock fd. The backup writes ``done`` when
+stdin, the backup directory's lock fd and a descriptor of the directory itself
+(so a directory renamed or replaced meanwhile does not redirect it). The backup writes ``done`` when
 it has finished (successfully or after cleaning up an error itself). If
 the pipe closes without ``done``, the backup died: the guard, still holding
 the directory's lock, runs :func:`libvirt_fleece.backup.recover`, which
@@ -22,14 +23,15 @@ log = logging.getLogger(__name__)
 
 
 class Guard:
-    def __init__(self, directory: str, lock_fd: int) -> None:
+    def __init__(self, directory: str, lock_fd: int, dir_fd: int) -> None:
         env = dict(os.environ)
         here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [here, env.get("PYTHONPATH")]))
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "libvirt_fleece.backup_guard", directory, str(lock_fd)],
+            [sys.executable, "-m", "libvirt_fleece.backup_guard", directory, str(lock_fd),
+             str(dir_fd)],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True, pass_fds=(lock_fd,), env=env)
+            start_new_session=True, pass_fds=(lock_fd, dir_fd), env=env)
 
     def done(self) -> None:
         """The backup cleaned up after itself: let the guard go without doing anything."""
@@ -51,8 +53,9 @@ def main(argv: list[str]) -> int:
         return 0
     logging.basicConfig(level=logging.INFO)
     from . import backup
+    from .backup_dir import BackupDir
     try:
-        backup.recover(directory)
+        backup.recover(BackupDir(directory, int(argv[2])))     # the directory the run used
     except Exception:  # noqa: BLE001 - the next backup run retries
         log.exception("cleaning up the interrupted backup in %s failed", directory)
         return 1

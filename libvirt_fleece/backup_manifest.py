@@ -24,21 +24,35 @@ data is complete and flushed and the manifest lists them. The journal names
 every ``.part`` file, snapshot and checkpoint a run creates before it
 creates them, so the next run (holding the lock, hence sure the writer is
 gone) removes exactly those and nothing else.
+
+Everything in a backup directory is untrusted input (issue #12): whoever can
+write there may forge the manifest, the journal and every qcow2 header. So
+the manifest's fields are checked against the directory's own rules when it is
+read (:func:`_from_json`: file names of this directory only, increasing
+indexes, backing files of earlier points, bounded sizes and JSON), files are
+reached only through the directory's descriptor (:mod:`.backup_dir`), qemu
+gets the manifest's chain, never a header's (:mod:`.backup_chain`), and the
+journal is a hint next to the root-only record of :mod:`.backup_state`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import tempfile
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
-from . import errors, fsutil
+from . import errors
+from .backup_dir import BackupDir, UnsafeFile
+
+log = logging.getLogger(__name__)
 
 FORMAT = "libvirt-fleece-backup/2"
 READABLE = (FORMAT, "libvirt-fleece-backup/1")     # /1: a checksum of each file's bytes
@@ -48,6 +62,14 @@ JOURNAL = ".libvirt-fleece-backup.journal"
 FILE_RE = re.compile(r"(?P<disk>[A-Za-z0-9_-]+)\.(?P<index>\d{4,})\.qcow2(?P<part>\.part)?\Z")
 TMP_RE = re.compile(r"\.(manifest\.json|libvirt-fleece-backup\.journal)\.[A-Za-z0-9_]+\.tmp\Z")
 IGNORED = {"lost+found"}
+# the snapshots and checkpoints of backup runs
+NAME_RE = re.compile(r"backup-[0-9]{8}T[0-9]{6}Z(\.[0-9]{1,2})?")
+DISK_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+MAX_INDEX = 999999          # file names hold the index in 4 to 6 digits
+MAX_POINTS = 100000
+MAX_DISKS = 256
+MAX_DEPTH = 16              # JSON nesting of a manifest or journal (ours is 5 deep)
+DEFAULT_MAX_BYTES = 16 << 20
 
 
 class BackupTargetError(errors.InvalidArgument):
@@ -173,26 +195,130 @@ def file_name(disk: str, index: int, part: bool = False) -> str:
     return f"{disk}.{index:04d}.qcow2" + (".part" if part else "")
 
 
-def _from_json(data: Any, path: str) -> Manifest:
+def _from_json(data: Any, path: str,
+               max_virtual_size: Optional[int] = None) -> Manifest:
+    """A manifest from parsed JSON, every field checked against the directory's
+    rules (:func:`check_disk_name`, :func:`file_name`, increasing indexes, backing
+    files of earlier points). Raises BackupCorrupt naming the offending field."""
+    limit = max_virtual_size if max_virtual_size is not None else _max_virtual_size()
     try:
+        if not isinstance(data, dict):
+            raise ValueError("it is not a JSON object")
         if data.get("format") not in READABLE:
-            raise ValueError(f"format {data.get('format')!r} is not one of "
+            raise ValueError(f"format {_short(data.get('format'))} is not one of "
                              f"{', '.join(READABLE)}")
-        m = Manifest(domain_name=data["domain"]["name"], domain_uuid=data["domain"]["uuid"])
-        for p in data["points"]:
-            m.points.append(Point(
-                index=int(p["index"]), time=p["time"], mode=p["mode"],
-                checkpoint=p["checkpoint"], reason=p.get("reason", ""),
-                duration=float(p.get("duration", 0.0)),
-                writer=Writer.from_json(p.get("writer")),
-                disks=[DiskEntry(name=d["name"], file=d["file"], size=int(d["size"]),
-                                 copied=int(d["copied"]),
-                                 layer_sha256=_checksum(d, "layer_sha256", "sha256"),
-                                 sha256=_checksum(d, "sha256", "layer_sha256") or None,
-                                 backing=d.get("backing")) for d in p["disks"]]))
+        domain = data["domain"]
+        if not isinstance(domain, dict):
+            raise ValueError("domain is not an object")
+        m = Manifest(domain_name=_text(domain["name"], "domain name"),
+                     domain_uuid=_text(domain["uuid"], "domain uuid"))
+        points = data["points"]
+        if not isinstance(points, list) or len(points) > MAX_POINTS:
+            raise ValueError(f"points is not a list of at most {MAX_POINTS} points")
+        files: dict[str, int] = {}      # file -> index of its point
+        for p in points:
+            m.points.append(_point(p, m.points[-1].index if m.points else -1, files, limit))
         return m
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
         raise BackupCorrupt(f"{path} is not a valid backup manifest ({e})") from e
+
+
+def _short(value: Any) -> str:
+    """``value`` quoted for a message: printable and short (it is hostile input)."""
+    text = repr(value)
+    text = "".join(c if c.isprintable() else "?" for c in text)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _text(value: Any, what: str, limit: int = 256) -> str:
+    """A string field of at most ``limit`` characters. Raises ValueError."""
+    if not isinstance(value, str) or len(value) > limit:
+        raise ValueError(f"{what} {_short(value)} is not a string of at most {limit} "
+                         f"characters")
+    return value
+
+
+def _int(value: Any, what: str, low: int, high: int) -> int:
+    """An integer field (a JSON number without fraction, not a boolean) in
+    [low, high]. Raises ValueError."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{what} {_short(value)} is not an integer in [{low}, {high}]")
+    return value
+
+
+def check_disk_name(name: Any) -> str:
+    """A disk name as the directory's file names allow it. Raises ValueError."""
+    if not isinstance(name, str) or not DISK_RE.fullmatch(name):
+        raise ValueError(f"disk name {_short(name)} is not a disk target name "
+                         f"({DISK_RE.pattern})")
+    return name
+
+
+def check_file_name(name: Any, part: bool = False) -> str:
+    """A file name of the directory's own kind (``vda.0003.qcow2``, with ``.part``
+    when ``part``): no "/", no protocol, no ``json:``. Raises ValueError."""
+    m = FILE_RE.fullmatch(name) if isinstance(name, str) else None
+    if m is None or bool(m.group("part")) != part or len(name) > 128:
+        raise ValueError(f"file name {_short(name)} is not a backup file name of this "
+                         f"directory (DISK.NNNN.qcow2{'.part' if part else ''})")
+    return name
+
+
+def _point(p: Any, previous: int, files: dict[str, int], max_size: int) -> Point:
+    """One point of the manifest; ``files`` collects the files of the points
+    before it (a backing file must be one of those, of the same disk).
+    Raises ValueError, KeyError, TypeError."""
+    if not isinstance(p, dict):
+        raise ValueError("a point is not an object")
+    index = _int(p["index"], "point index", 0, MAX_INDEX)
+    if index <= previous:
+        raise ValueError(f"point index {index} does not follow {previous} (indexes "
+                         f"increase, no duplicates)")
+    mode = p["mode"]
+    if mode not in ("full", "incremental"):
+        raise ValueError(f"mode {_short(mode)} of point {index} is not full or incremental")
+    duration = p.get("duration", 0.0)
+    if isinstance(duration, bool) or not isinstance(duration, (int, float)) or \
+            not 0 <= duration < 1e9:
+        raise ValueError(f"duration {_short(duration)} of point {index} is not a number "
+                         f"of seconds")
+    raw_disks = p["disks"]
+    if not isinstance(raw_disks, list) or len(raw_disks) > MAX_DISKS:
+        raise ValueError(f"disks of point {index} is not a list of at most {MAX_DISKS} "
+                         f"disks")
+    disks = [_disk(d, index, files, max_size) for d in raw_disks]
+    if len({d.name for d in disks}) != len(disks):
+        raise ValueError(f"point {index} names a disk twice")
+    for d in disks:
+        files[d.file] = index
+    return Point(index=index, time=_text(p["time"], "time"), mode=mode,
+                 checkpoint=_text(p["checkpoint"], "checkpoint"),
+                 reason=_text(p.get("reason", ""), "reason", 4096),
+                 duration=float(duration), writer=Writer.from_json(p.get("writer")),
+                 disks=disks)
+
+
+def _disk(d: Any, index: int, files: dict[str, int], max_size: int) -> DiskEntry:
+    """One disk of point ``index``. Raises ValueError, KeyError, TypeError."""
+    if not isinstance(d, dict):
+        raise ValueError(f"a disk of point {index} is not an object")
+    name = check_disk_name(d["name"])
+    file = check_file_name(d["file"])
+    if file != file_name(name, index):
+        raise ValueError(f"file {_short(file)} of disk {name} is not this point's file "
+                         f"{file_name(name, index)}")
+    backing = d.get("backing")
+    if backing is not None:
+        check_file_name(backing)
+        if FILE_RE.fullmatch(backing).group("disk") != name or backing not in files:
+            raise ValueError(f"backing file {_short(backing)} of {file} is not a file of "
+                             f"an earlier point of disk {name}")
+    return DiskEntry(name=name, file=file,
+                     size=_int(d["size"], f"size of {file}", 0, max_size),
+                     copied=_int(d["copied"], f"copied of {file}", 0, 1 << 62),
+                     layer_sha256=_checksum(d, "layer_sha256", "sha256"),
+                     sha256=_checksum(d, "sha256", "layer_sha256") or None,
+                     backing=backing)
 
 
 def _checksum(d: dict, key: str, other: str) -> str:
@@ -205,26 +331,80 @@ def _checksum(d: dict, key: str, other: str) -> str:
     return value
 
 
-def load(directory: str) -> Optional[Manifest]:
-    """The directory's manifest, None when there is none. Raises BackupCorrupt."""
-    path = os.path.join(directory, MANIFEST)
+def _max_virtual_size() -> int:
+    from . import config
+    return config.load().backup_max_virtual_size
+
+
+def max_bytes() -> int:
+    """The configured limit of a manifest or journal (``backup_manifest_max_bytes``)."""
+    from . import config
+    return config.load().backup_manifest_max_bytes
+
+
+_STRING_RE = re.compile(rb'"(?:[^"\\]|\\.)*"')
+
+
+def json_depth(raw: bytes) -> int:
+    """How deep arrays and objects nest in the JSON text ``raw`` (strings skipped)."""
+    depth = deepest = 0
+    for c in _STRING_RE.sub(b'""', raw).translate(None, delete=bytes(
+            b for b in range(256) if b not in b"[]{}")):
+        depth += 1 if c in b"[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def parse_json(raw: bytes, path: str) -> Any:
+    """Bounded JSON: at most :data:`MAX_DEPTH` levels deep, UTF-8. Raises
+    BackupCorrupt naming ``path``."""
+    if json_depth(raw) > MAX_DEPTH:
+        raise BackupCorrupt(f"{path} nests deeper than {MAX_DEPTH} levels; it is not a "
+                            f"file of this tool")
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
+        return json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as e:
         raise BackupCorrupt(f"cannot read {path}: {e}") from e
-    return _from_json(data, path)
 
 
-def write_json_atomic(directory: str, name: str, data: Any) -> None:
-    """Write ``name`` in ``directory`` all or nothing (see fsutil.write_atomic)."""
+def _read(bdir: "BackupDir", name: str) -> Optional[bytes]:
+    """The bounded content of ``name`` (None: absent). Raises BackupCorrupt."""
+    try:
+        return bdir.read(name, max_bytes())
+    except UnsafeFile as e:
+        raise BackupCorrupt(str(e)) from e
+    except OSError as e:
+        raise BackupCorrupt(f"cannot read {bdir.show(name)}: {e.strerror}") from e
+
+
+def load(directory: "str | BackupDir") -> Optional[Manifest]:
+    """The directory's manifest, None when there is none. Raises BackupCorrupt
+    (also for a link, a FIFO, a file over ``backup_manifest_max_bytes``)."""
+    with _opened(directory) as bdir:
+        raw = _read(bdir, MANIFEST)
+        if raw is None:
+            return None
+        return _from_json(parse_json(raw, bdir.show(MANIFEST)), bdir.show(MANIFEST))
+
+
+@contextlib.contextmanager
+def _opened(directory: "str | BackupDir") -> Iterator[BackupDir]:
+    """``directory`` as a BackupDir (opened here and closed after, for a path)."""
+    if isinstance(directory, BackupDir):
+        yield directory
+        return
+    with BackupDir(directory) as bdir:
+        yield bdir
+
+
+def write_json_atomic(directory: "str | BackupDir", name: str, data: Any) -> None:
+    """Write ``name`` in ``directory`` all or nothing, 0600 (BackupDir.write_atomic)."""
     text = json.dumps(data, indent=2, sort_keys=False) + "\n"
-    fsutil.write_atomic(os.path.join(directory, name), text.encode("utf-8"), 0o600)
+    with _opened(directory) as bdir:
+        bdir.write_atomic(name, text.encode("utf-8"), 0o600)
 
 
-def save(directory: str, manifest: Manifest) -> None:
+def save(directory: "str | BackupDir", manifest: Manifest) -> None:
     write_json_atomic(directory, MANIFEST, manifest.to_json())
 
 
@@ -279,14 +459,16 @@ def sha256_file(path: str, chunk: int = 8 << 20) -> str:
 
 # --- the directory as a target --------------------------------------------------------
 
-def foreign_files(directory: str, manifest: Optional[Manifest],
+def foreign_files(directory: "str | BackupDir", manifest: Optional[Manifest],
                   parts: Optional[list[str]] = None) -> list[str]:
     """Entries of ``directory`` that no backup run of ours made (``parts``: the
     ``.part`` files the journal of an interrupted run names)."""
     known = {d.file for p in manifest.points for d in p.disks} if manifest else set()
     known |= set(parts or ())
     foreign = []
-    for entry in sorted(os.listdir(directory)):
+    with _opened(directory) as bdir:
+        entries = sorted(bdir.listdir())
+    for entry in entries:
         if entry in (MANIFEST, LOCK, JOURNAL) or entry in IGNORED or entry in known:
             continue
         if TMP_RE.match(entry):
@@ -333,11 +515,17 @@ def _writable(path: str) -> bool:
 
 
 class DirLock:
-    """An exclusive flock() on the directory's lock file, released when the holder dies."""
+    """An exclusive flock() on the directory's lock file, released when the holder dies.
+    The lock file is opened or created relative to the directory's descriptor
+    (never through a link). Raises BackupBusy, BackupCorrupt (an unsafe lock file)."""
 
-    def __init__(self, directory: str, wait: float = 0.0) -> None:
-        self.path = os.path.join(directory, LOCK)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    def __init__(self, directory: "str | BackupDir", wait: float = 0.0) -> None:
+        with _opened(directory) as bdir:
+            self.path = bdir.show(LOCK)
+            try:
+                self.fd = bdir.open_or_create(LOCK)
+            except UnsafeFile as e:
+                raise BackupCorrupt(str(e)) from e
         import time
         deadline = time.monotonic() + wait
         while True:
@@ -351,8 +539,9 @@ class DirLock:
                 if time.monotonic() >= deadline:
                     os.close(self.fd)
                     raise BackupBusy(
-                        f"another backup is writing into {directory} (or its clean-up after "
-                        f"an interrupted run is still going on); wait for it to finish") from e
+                        f"another backup is writing into {os.path.dirname(self.path)} (or "
+                        f"its clean-up after an interrupted run is still going on); wait for "
+                        f"it to finish") from e
                 time.sleep(0.2)
 
     def release(self) -> None:
@@ -365,7 +554,10 @@ class DirLock:
 
 @dataclasses.dataclass
 class Journal:
-    """What a running backup created; written before each thing is created."""
+    """What a running backup created; written before each thing is created.
+
+    The directory's copy is a hint only: :mod:`.backup` acts on it where the
+    root-only record in the state directory agrees."""
     uri: str
     domain_uuid: str
     snapshot: Optional[str] = None
@@ -373,24 +565,55 @@ class Journal:
     parts: list[str] = dataclasses.field(default_factory=list)
     started: float = 0.0        # epoch: checkpoints older than this are not the run's
 
-    def save(self, directory: str) -> None:
+    def save(self, directory: "str | BackupDir") -> None:
         write_json_atomic(directory, JOURNAL, dataclasses.asdict(self))
 
     @staticmethod
-    def load(directory: str) -> Optional["Journal"]:
-        try:
-            with open(os.path.join(directory, JOURNAL), encoding="utf-8") as f:
-                data = json.load(f)
-            return Journal(**data)
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, TypeError):
-            return Journal(uri="", domain_uuid="")     # unreadable: nothing to act on
+    def from_json(data: Any) -> "Journal":
+        """A journal from parsed JSON, every field checked (``parts`` must be
+        ``.part`` file names of the directory). Raises ValueError."""
+        known = {f.name for f in dataclasses.fields(Journal)}
+        if not isinstance(data, dict) or set(data) - known:
+            raise ValueError("not a journal object")
+        started = data.get("started", 0.0)
+        if isinstance(started, bool) or not isinstance(started, (int, float)):
+            raise ValueError(f"started {_short(started)} is not a time")
+        parts = data.get("parts", [])
+        if not isinstance(parts, list) or len(parts) > MAX_DISKS:
+            raise ValueError("parts is not a short list")
+        return Journal(uri=_text(data.get("uri", ""), "uri"),
+                       domain_uuid=_text(data.get("domain_uuid", ""), "domain_uuid"),
+                       snapshot=_optional_name(data.get("snapshot"), "snapshot"),
+                       checkpoint=_optional_name(data.get("checkpoint"), "checkpoint"),
+                       parts=[check_file_name(x, part=True) for x in parts],
+                       started=float(started))
 
     @staticmethod
-    def remove(directory: str) -> None:
-        try:
-            os.unlink(os.path.join(directory, JOURNAL))
-        except FileNotFoundError:
-            return
-        fsutil.fsync_dir(directory)
+    def load(directory: "str | BackupDir") -> Optional["Journal"]:
+        """The directory's journal; None when absent; an empty one (nothing to act
+        on), with a warning, when it is unusable (a link, a FIFO, too large, not
+        a journal, a part that is not a ``.part`` file name)."""
+        with _opened(directory) as bdir:
+            try:
+                raw = _read(bdir, JOURNAL)
+                if raw is None:
+                    return None
+                return Journal.from_json(parse_json(raw, bdir.show(JOURNAL)))
+            except (BackupCorrupt, ValueError, TypeError) as e:
+                log.warning("ignoring the journal %s: %s", bdir.show(JOURNAL), e)
+                return Journal(uri="", domain_uuid="")
+
+    @staticmethod
+    def remove(directory: "str | BackupDir") -> None:
+        with _opened(directory) as bdir:
+            if bdir.unlink(JOURNAL):
+                bdir.fsync()
+
+
+def _optional_name(value: Any, what: str) -> Optional[str]:
+    """None, or a snapshot / checkpoint name of this tool's kind. Raises ValueError."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not NAME_RE.fullmatch(value):
+        raise ValueError(f"{what} {_short(value)} is not a backup's name")
+    return value

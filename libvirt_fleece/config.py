@@ -21,6 +21,13 @@ Keys and defaults::
     read_path: auto                        # auto (self-test per qemu) or overlay (always)
     overlay_size_limit: null               # limit of overlay snapshots without one (bytes);
                                            # null: half the free space, shared by the images
+    backup_manifest_max_bytes: 16777216    # largest manifest.json / journal a backup reads
+    backup_max_virtual_size: 281474976710656   # largest disk (bytes) a backup may name (256 TiB)
+    backup_group: null                     # group granted read access to backup images
+                                           # (mode 0640); null: owner only (0600)
+
+A backup directory is untrusted input (see backup_manifest.py): the two size keys
+bound what ``backup``, ``restore``, ``verify`` and ``info`` accept from it.
 
 On a QEMU whose snapshot-access reads are wrong (7.2; see readpath.py),
 snapshots use the overlay read path, where a copy that cannot be written
@@ -60,6 +67,9 @@ class Config:
     hook_reconcile_timeout: float = 60.0
     read_path: str = "auto"
     overlay_size_limit: Optional[int] = None
+    backup_manifest_max_bytes: int = 16 << 20
+    backup_max_virtual_size: int = 256 << 40
+    backup_group: Optional[str] = None
 
     def validate(self) -> None:
         """Raises InvalidArgument for an unusable value."""
@@ -68,12 +78,19 @@ class Config:
             if not isinstance(value, str) or not os.path.isabs(value):
                 raise errors.InvalidArgument(
                     f"configuration key {key!r} must be an absolute path, not {value!r}")
-        if self.socket_group is not None:
-            try:
-                grp.getgrnam(str(self.socket_group))
-            except KeyError as e:
+        for key, low in (("backup_manifest_max_bytes", 4096), ("backup_max_virtual_size", 1)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or not \
+                    low <= value <= 1 << 62:
                 raise errors.InvalidArgument(
-                    f"configuration key 'socket_group': no group {self.socket_group!r}") from e
+                    f"configuration key {key!r} must be a number of bytes >= {low}")
+        for key in ("socket_group", "backup_group"):
+            if getattr(self, key) is not None:
+                try:
+                    grp.getgrnam(str(getattr(self, key)))
+                except KeyError as e:
+                    raise errors.InvalidArgument(
+                        f"configuration key {key!r}: no group {getattr(self, key)!r}") from e
         if self.fleece_size_limit is not None and (
                 not isinstance(self.fleece_size_limit, int) or self.fleece_size_limit < 1 << 20):
             raise errors.InvalidArgument(

@@ -21,7 +21,8 @@ from typing import Optional
 
 import libvirt
 
-from . import bitmaps, blockgraph, checkpoints, documents, errors, metadata, readpath, tls
+from . import (bitmaps, blockgraph, checkpoints, documents, errors, fleecefile, metadata,
+               readpath, tls)
 from .config import Config
 from .documents import Address
 from .faults import killpoint
@@ -108,6 +109,7 @@ def _bind(sess: Session, addr: Address) -> socket.socket:
             raise errors.InvalidArgument(f"cannot bind {addr.socket}: {e.strerror}") from e
         finally:
             os.umask(old)
+        fleecefile.mark_socket(addr.socket, sess.uuid)     # the proof stop_server needs
         if sess.cfg.socket_group:
             os.chown(addr.socket, -1, grp.getgrnam(sess.cfg.socket_group).gr_gid)
             os.chmod(addr.socket, 0o660)
@@ -133,11 +135,15 @@ def _bind(sess: Session, addr: Address) -> socket.socket:
 
 
 def exposure_warning(addr: Address, port: int) -> Optional[str]:
-    """What to shout when an export is reachable from other hosts without TLS."""
+    """What to shout when an export listens on TCP without TLS: on any address,
+    loopback included (every local user can connect to 127.0.0.1; TCP has no
+    file permissions)."""
     if addr.type != "ip" or addr.tls:
         return None
     if ipaddress.ip_address(addr.host.strip("[]")).is_loopback:
-        return None
+        return (f"listens on {addr.host}:{port} WITHOUT encryption or authentication: every "
+                f"local user can read the disks; use a unix socket (file permissions) or "
+                f"tls='yes'")
     return (f"listens on {addr.host}:{port} WITHOUT encryption or authentication: anyone "
             f"who can reach it can read the disks; use tls='yes' or a unix socket")
 
@@ -190,9 +196,13 @@ def stop_server(sess: Session) -> None:
     if server.tls or server.type == "ip":
         tls.teardown(sess)
     if server.type == "unix" and server.socket:
-        with contextlib.suppress(FileNotFoundError):
-            if stat.S_ISSOCK(os.lstat(server.socket).st_mode):
+        problem = fleecefile.socket_problem(server.socket, sess.uuid)
+        if problem == "":
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(server.socket)
+        elif problem != "gone":     # the metadata names a socket we cannot prove ours
+            log.warning("domain %s: not removing socket %r: %s", sess.dom.name(),
+                        server.socket, problem)
     sess.state.server = None
     log.info("domain %s: NBD server stopped", sess.dom.name())
 

@@ -33,6 +33,42 @@ def owner_tag(domain_uuid: str, snapshot_id: str, disk: str) -> bytes:
     return f"{domain_uuid}/{snapshot_id}/{disk}".encode()
 
 
+def socket_tag(domain_uuid: str) -> bytes:
+    """The mark of a domain's export socket (the same root-only xattr as images)."""
+    return f"{domain_uuid}/socket".encode()
+
+
+def mark_socket(path: str, domain_uuid: str) -> None:
+    """Mark the unix socket the plugin just bound (``trusted.*``: only root can set
+    it, so an owner cannot forge it); never raises: an unmarked socket is only
+    left behind, never someone else's removed."""
+    try:
+        os.setxattr(path, XATTR, socket_tag(domain_uuid), follow_symlinks=False)
+    except OSError as e:
+        log.warning("cannot mark socket %s (%s): it will not be removed automatically",
+                    path, e.strerror)
+
+
+def socket_problem(path: str, domain_uuid: str) -> str:
+    """Why ``path`` is not a socket this plugin bound for the domain ("" when it is;
+    "gone" when it does not exist). Metadata naming a path proves nothing."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return "gone"
+    except OSError as e:
+        return f"cannot inspect it: {e.strerror}"
+    if not stat.S_ISSOCK(st.st_mode):
+        return "it is not a socket"
+    try:
+        mark = os.getxattr(path, XATTR, follow_symlinks=False)
+    except OSError:
+        return "it has no libvirt-fleece mark: the plugin did not bind it"
+    if mark != socket_tag(domain_uuid):
+        return "its libvirt-fleece mark names another domain"
+    return ""
+
+
 def check_path(path: str) -> None:
     """Check a requested fleece path before anything is created.
 

@@ -382,8 +382,9 @@ def sweep(fleece_dir: str, uuid: str) -> int:
     return removed
 
 
-def remove_socket(path: object, socket_dir: str) -> bool:
-    """Remove the server's unix socket when it is a dead socket directly in ``socket_dir``."""
+def remove_socket(path: object, socket_dir: str, uuid: str) -> bool:
+    """Remove the server's unix socket when it is a dead socket directly in ``socket_dir``
+    that carries the domain's mark (fleecefile.socket_problem)."""
     if not isinstance(path, str) or _path_problem(path) or \
             os.path.dirname(path) != os.path.normpath(socket_dir):
         log.warning("not removing socket %r: not in %s", _printable(path), socket_dir)
@@ -397,6 +398,10 @@ def remove_socket(path: object, socket_dir: str) -> bool:
         return False
     if not stat.S_ISSOCK(st.st_mode):
         log.warning("not removing %s: it is not a socket", path)
+        return False
+    problem = fleecefile.socket_problem(path, uuid)
+    if problem:
+        log.warning("not removing socket %s: %s", path, problem)
         return False
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(0.2)
@@ -428,7 +433,7 @@ def cleanup(text: str, cfg: config.Config) -> None:
     for state_el in states:
         sock = recorded_socket(state_el)
         if sock is not None:
-            remove_socket(sock, cfg.socket_dir)
+            remove_socket(sock, cfg.socket_dir, uuid)
     if removed:
         log.info("removed %d fleece image(s) of domain %s", removed, uuid)
 

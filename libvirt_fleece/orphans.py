@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import stat
 
 from . import blockgraph, errors, fleecefile, metadata, qmp, readpath
 from .session import Session
@@ -129,7 +128,7 @@ def _stop_orphan_server(sess: Session, removed_exports: bool) -> list[str]:
     if sess.state.server is not None:
         return []
     path = default_socket_path(sess.cfg, sess.dom.name())
-    is_ours = os.path.exists(path) and stat.S_ISSOCK(os.lstat(path).st_mode)
+    is_ours = fleecefile.socket_problem(path, sess.uuid) == ""
     if not (removed_exports or is_ours):
         return []
     if any(not e.startswith(blockgraph.PREFIX) for e in blockgraph.export_ids(sess.dom)):

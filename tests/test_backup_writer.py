@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 
 import pytest
 
@@ -142,11 +144,14 @@ def test_a_warning_names_the_recorded_versions():
 def test_manifest_strings_are_printed_without_control_characters():
     evil = "0.1\x1b]0;owned\x07\n\r\x9b31m" + "x" * 500
     p = point_json(0, writer={"libvirt_fleece": evil, "qemu": evil})
-    p["disks"][0]["name"] = "vd\x1b[2Ja"
     p["time"] = "2026\x1b[1m-11"
     w = bw.point_warnings(manifest(p))[0]
     assert w.isprintable() and "\x1b" not in w and "\x9b" not in w
-    assert "vd?[2Ja" in w and len(w) < 600
+    assert "2026?[1m-11" in w and len(w) < 600
+    p["disks"][0]["name"] = "vd\x1b[2Ja"          # a disk name is refused, printably
+    with pytest.raises(mf.BackupCorrupt, match="is not a disk target name") as e:
+        manifest(p)
+    assert "\x1b" not in str(e.value)
     assert bw.clean("a\tb\x00c\u202ed") == "a?b?c?d"
     assert bw.clean("y" * 200) == "y" * 77 + "..."
 
@@ -177,9 +182,11 @@ def test_info_prints_one_warning_line_per_suspect_point_even_when_quiet(tmp_path
 
 def test_verify_report_carries_warnings_and_the_cli_exits_0(tmp_path, capsys, monkeypatch):
     write_manifest(tmp_path, point_json(0), point_json(1, writer=NEW))
-    for i in (0, 1):
-        (tmp_path / mf.file_name("vda", i)).write_bytes(b"")
-    monkeypatch.setattr(bk, "_check_image", lambda p, d, path: [])
+    for i in (0, 1):        # headers as the manifest says (verify reads them itself)
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2",
+                        str(tmp_path / mf.file_name("vda", i)), str(1 << 20)], check=True)
+        os.chmod(tmp_path / mf.file_name("vda", i), 0o600)
+    monkeypatch.setattr(bk, "_check_image", lambda where, d, opened: [])
     monkeypatch.setattr(bk, "_matches", lambda d, path: True)
     report = bk.verify(str(tmp_path))
     assert report.ok and len(report.warnings) == 1 and "point 0" in report.warnings[0]

@@ -193,8 +193,19 @@ def test_dead_socket_in_socket_dir_is_removed_others_are_not(dirs, caplog):
         return path
 
     dead = bound(os.path.join(dirs["sock"], "web1.sock"))
+    fleecefile.mark_socket(dead, UUID)          # as exports._bind does
     rc, _ = call("release", domain_xml(state_doc({}, socket_path=dead)))
     assert rc == 0 and not os.path.lexists(dead)
+
+    # metadata naming a dead socket the plugin did not bind (no mark, or another
+    # domain's mark) proves nothing: it stays (issue 12, item 9)
+    for tag in (None, fleecefile.socket_tag("another-uuid")):
+        foreign = bound(os.path.join(dirs["sock"], "foreign.sock"))
+        if tag is not None:
+            os.setxattr(foreign, fleecefile.XATTR, tag)
+        call("release", domain_xml(state_doc({}, socket_path=foreign)))
+        assert os.path.exists(foreign) and "mark" in caplog.text
+        os.unlink(foreign)
 
     outside = bound(str(dirs["tmp"] / "web1.sock"))
     call("release", domain_xml(state_doc({}, socket_path=outside)))
@@ -209,6 +220,7 @@ def test_dead_socket_in_socket_dir_is_removed_others_are_not(dirs, caplog):
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as srv:
         srv.bind(live)
         srv.listen(1)
+        fleecefile.mark_socket(live, UUID)
         call("release", domain_xml(state_doc({}, socket_path=live)))
         assert os.path.exists(live) and "still listens" in caplog.text
 
