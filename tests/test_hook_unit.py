@@ -447,7 +447,7 @@ def test_each_invocation_of_the_installed_shim_takes_well_under_half_a_second(di
     xml = domain_xml(state_doc({"vda": make_image(os.path.join(dirs["fleece"], "a.qcow2"))}))
     times = {}
     for op in ("prepare", "release", "stopped", "migrate", "restore", "started", "reconnect"):
-        for _ in range(3):      # best of three: a loaded CI host must not make this flaky
+        for _ in range(5):      # best of five: a loaded CI host must not make this flaky
             proc, elapsed = run_shim(shim, ["web1", op, "begin", "-"], xml, env)
             assert proc.returncode == 0, proc.stderr
             times[op] = min(times.get(op, 60.0), elapsed)
