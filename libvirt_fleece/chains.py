@@ -30,7 +30,7 @@ from typing import Optional
 
 import libvirt
 
-from . import qmp
+from . import errors, qmp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,19 +64,41 @@ class BlockView:
                 if b.get("name")}
 
 
-def view(named_nodes: list[dict], graph: dict) -> BlockView:
+def view(named_nodes: list[dict], graph: Optional[dict]) -> BlockView:
     """A BlockView from ``query-named-block-nodes {flat: true}`` and
-    ``x-debug-query-block-graph`` answers."""
+    ``x-debug-query-block-graph`` answers (None: no graph, see :func:`_by_filename`)."""
+    if graph is None:
+        return BlockView(nodes={n["node-name"]: n for n in named_nodes},
+                         backing=_by_filename(named_nodes))
     ids = {n["id"]: n["name"] for n in graph.get("nodes", [])}
     backing = {ids[e["parent"]]: ids[e["child"]] for e in graph.get("edges", [])
                if e.get("name") == "backing" and e["parent"] in ids and e["child"] in ids}
     return BlockView(nodes={n["node-name"]: n for n in named_nodes}, backing=backing)
 
 
+def _by_filename(named_nodes: list[dict]) -> dict[str, str]:
+    """Backing links guessed from file names (a node's ``backing_file`` is the
+    ``file`` of exactly one format node), for a qemu without the debug graph."""
+    formats = [n for n in named_nodes if n.get("drv") not in ("file", "host_device")]
+    links = {}
+    for n in formats:
+        below = [m["node-name"] for m in formats
+                 if n.get("backing_file") and m.get("file") == n["backing_file"]]
+        if len(below) == 1:
+            links[n["node-name"]] = below[0]
+    return links
+
+
 def read(dom: libvirt.virDomain) -> BlockView:
     """qemu's graph now. Raises QMPError."""
-    return view(qmp.execute(dom, "query-named-block-nodes", {"flat": True}),
-                qmp.execute(dom, "x-debug-query-block-graph"))
+    nodes = qmp.execute(dom, "query-named-block-nodes", {"flat": True})
+    try:
+        graph = qmp.execute(dom, "x-debug-query-block-graph")
+    except errors.QMPError as e:
+        if e.error_class != "CommandNotFound":
+            raise
+        graph = None
+    return view(nodes, graph)
 
 
 @dataclasses.dataclass(frozen=True)

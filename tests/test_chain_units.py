@@ -131,3 +131,12 @@ def test_nodes_without_backing_links_are_one_layer_chains():
     v = chains.view([{"node-name": "a", "file": "/a", "ro": False}], {"nodes": [], "edges": []})
     assert [la.node for la in v.chain("a")] == ["a"]
     assert v.chain("missing") == []
+
+
+def test_without_the_debug_graph_backing_links_come_from_file_names(recorded):
+    nodes = copy.deepcopy(recorded["query-named-block-nodes"])
+    files = {n["node-name"]: n["file"] for n in nodes}
+    for node, below in ((TOP, MID), (MID, BASE)):
+        next(n for n in nodes if n["node-name"] == node)["backing_file"] = files[below]
+    v = chains.view(nodes, None)
+    assert [la.node for la in v.chain(TOP)] == [TOP, MID, BASE]
