@@ -164,6 +164,29 @@ def test_active_commit_of_an_older_checkpoint_keeps_later_writes_out(make_vm):
     assert plugin_leftovers(dom) == {}
 
 
+def test_commit_of_a_layer_holding_part_of_an_older_checkpoint(make_vm):
+    """c1's writes W1 sit in ext1 only, in a copy disabled when c2 was made there.
+    libvirt does not merge that copy when it commits ext1 into the base, but qemu's
+    commit job dirties the base's (enabled) copy of c1 with every cluster it copies:
+    nothing is lost, and the maps stay exact."""
+    t = make_vm(disks=1)
+    dom = t.dom
+    snap(dom, "c1").delete()
+    external_snapshot(t, "ext1")
+    w1 = writes(t, [(0x11, 0, MiB)])
+    snap(dom, "c2").delete()
+    w2 = writes(t, [(0x21, 4 * MiB, MiB)])
+    external_snapshot(t, "ext2")
+    w3 = writes(t, [(0x31, 8 * MiB, MiB)])
+    assert since(dom, "c1") == clusters(w1 + w2 + w3)
+    virsh("blockcommit", t.name, "vda", "--top", os.path.join(t.dir, "ext1.qcow2"),
+          "--base", t.disks[0]["path"], "--wait")
+    w4 = writes(t, [(0x41, 12 * MiB, MiB)])
+    assert valid(dom, "c1") and valid(dom, "c2")
+    assert since(dom, "c1") == clusters(w1 + w2 + w3 + w4)
+    assert since(dom, "c2") == clusters(w2 + w3 + w4)
+
+
 def test_pull_that_drops_the_history_of_a_disabled_bitmap_is_caught(make_vm):
     """c1's writes are in the base only; its copy in the overlay is empty and disabled
     (c2 was made there). libvirt's pull merges only recording bitmaps: c1 would be left
