@@ -208,9 +208,9 @@ def test_pull_that_drops_the_history_of_a_disabled_bitmap_is_caught(make_vm):
 
 
 def test_pull_right_after_libvirt_left_a_bitmap_below_loses_only_that_checkpoint(make_vm):
-    """No plugin call between the external snapshot and the pull: libvirt's pull drops
-    the older checkpoint's bitmap (it merges only what the top image has), so that
-    checkpoint is invalid with a reason, and the newer one stays exact."""
+    """c1 lives only in the backing images (libvirt did not copy it, disabled, into
+    ext2), and no plugin call comes between the external snapshot and the pull: the
+    pull drops c1 with its layers, so c1 is invalid with a reason, and c2 stays exact."""
     t = make_vm(disks=1)
     dom = t.dom
     snap(dom, "c1").delete()
