@@ -15,9 +15,22 @@ copy F_S of B_a at S's instant. The changes X_k -> S are then
 deleting X_j merges B_j into its predecessor, and when X_j is a snapshot's
 anchor the predecessor is merged into that snapshot's F_S first.
 
+Across libvirt's external snapshots, commits, pulls and copies (see
+:mod:`.chains`), B_i may be spread over several layers of the disk's backing
+chain, one same-named copy per layer from the layer where X_i was made up to
+the layer that was the top when it stopped recording (the top itself for the
+newest): B_i is then the union of those copies, and every merge reads them
+all. Only the top image is writable: qemu refuses to change a bitmap in a
+read-only backing image, so a checkpoint with copies below the top cannot be
+deleted until a commit or pull has merged them.
+
 A checkpoint is invalid on a disk when its bitmap, or that of any newer
-checkpoint of the disk, is missing or inconsistent (qemu died), or the disk
-changed size since it was made.
+checkpoint of the disk, is missing or inconsistent (qemu died), misses a
+layer of the chain where it must have a copy, lost a non-empty copy since
+the last look while it no longer recorded (libvirt merges only recording
+bitmaps when it drops a layer; the mirror remembers how many copies held
+data, and a reason found this way is kept), or the disk changed size since
+it was made.
 """
 
 from __future__ import annotations
@@ -30,8 +43,7 @@ from typing import Optional
 import libvirt
 from lxml import etree
 
-from . import bitmaps, errors, qmp, virt, xmlutil
-from .bitmaps import Bitmap
+from . import bitmaps, chains, errors, qmp, virt, xmlutil
 from .faults import killpoint
 from .flags import check_flags
 from .livedisks import LiveDisk, live_disks
@@ -47,7 +59,8 @@ NS_PREFIX = "fleececp"
 CRASHED = ("qemu stopped uncleanly (crash or kill -9) while the bitmap was in use, so it "
            "may miss changes; take a full backup")
 MISSING = ("its bitmap is missing from the image (qemu stopped uncleanly before storing it, "
-           "or the image was replaced); take a full backup")
+           "the image was replaced, or libvirt's blockcopy or blockpull did not carry it: "
+           "they carry only bitmaps that still record); take a full backup")
 NOT_RECORDING = "its bitmap no longer records changes; take a full backup"
 
 
@@ -57,13 +70,29 @@ class CheckpointDisk:
     bitmap: str
     seq: int
     size: int
-    node: Optional[str]          # node holding the bitmap (None when missing)
-    present: bool = True
+    node: Optional[str]          # top node, when it holds the bitmap (only it can change)
+    present: bool = True         # some layer of the chain holds the bitmap
     inconsistent: bool = False
     recording: bool = False
     valid: bool = True
     reason: str = ""
     deleting: bool = False
+    spread: Optional[chains.Spread] = None      # its copies down the backing chain
+    chain_reason: str = ""                      # why the chain lost part of its history
+    top: Optional[str] = None                   # the disk's top node (below our filters)
+    copies: Optional[int] = None                # non-empty copies down the chain (mirror)
+
+    def sources(self) -> list:
+        """Merge sources for the whole bitmap (every copy down the chain)."""
+        if self.spread is None or [la.node for la in self.spread.layers] == [self.node]:
+            return [self.bitmap]            # on the top node, where the merges happen
+        return self.spread.sources()
+
+    @property
+    def lower_layers(self) -> list[chains.Layer]:
+        """The read-only layers below the top that hold a copy."""
+        return [] if self.spread is None else [la for la in self.spread.layers
+                                               if la.node != self.node]
 
 
 @dataclasses.dataclass
@@ -86,13 +115,55 @@ class Checkpoint:
 
 # --- scanning the images ---------------------------------------------------------
 
-def _from_bitmap(disk: str, b: Bitmap) -> Optional[CheckpointDisk]:
-    parsed = bitmaps.parse_checkpoint_bitmap(b.name)
-    if parsed is None or not b.persistent:
+def _is_checkpoint(name: str) -> bool:
+    return bitmaps.parse_checkpoint_bitmap(name) is not None
+
+
+def _from_spread(disk: str, v: chains.BlockView, chain: list[chains.Layer],
+                 s: chains.Spread, reason: str) -> Optional[CheckpointDisk]:
+    """One disk's checkpoint entry from the copies of its bitmap down the chain."""
+    copies = [v.bitmap_names(la.node)[s.name] for la in s.layers]
+    if not all(b.get("persistent", False) for b in copies):
         return None
-    seq, size, _name = parsed
-    return CheckpointDisk(disk=disk, bitmap=b.name, seq=seq, size=size, node=b.node,
-                          inconsistent=b.inconsistent, recording=b.recording)
+    seq, size, _name = bitmaps.parse_checkpoint_bitmap(s.name)
+    top = copies[0] if s.in_top else None
+    return CheckpointDisk(
+        disk=disk, bitmap=s.name, seq=seq, size=size, node=chain[0].node if top else None,
+        present=True, spread=s, chain_reason=reason, top=chain[0].node,
+        inconsistent=any(b.get("inconsistent", False) for b in copies),
+        recording=bool(top and top.get("recording", False)))
+
+
+def disk_entries(v: chains.BlockView, disk: str, top: str) -> list[CheckpointDisk]:
+    """The checkpoint bitmaps of one disk whose top node is ``top``, each with its
+    copies down the backing chain and why the chain lost its history, if it did
+    (validity is judged later, with the metadata's memory)."""
+    chain = v.chain(top)
+    found = chains.spreads(v, chain, _is_checkpoint).values()
+    newest_first = sorted(found, key=lambda s: bitmaps.parse_checkpoint_bitmap(s.name)[0],
+                          reverse=True)
+    reasons = chains.broken_reasons(disk, chain, newest_first)
+    entries = (_from_spread(disk, v, chain, s, reasons[s.name]) for s in newest_first)
+    return [e for e in entries if e is not None]
+
+
+CHAIN_PREFIX = "the backing chain of "
+
+
+def _sticky(reason: str) -> str:
+    """A remembered reason that holds for good (the images no longer show it)."""
+    return reason if reason.startswith(CHAIN_PREFIX) else ""
+
+
+def _dropped_reason(e: CheckpointDisk, copies: Optional[int]) -> str:
+    """Why a bitmap that no longer records lost history since the last look ("" if
+    it did not): libvirt's commit, pull and copy merge only recording bitmaps, so
+    when fewer of its copies hold data than before, a layer went with its part."""
+    if copies is None or e.spread is None or e.recording or e.spread.nonempty >= copies:
+        return ""
+    return (f"{CHAIN_PREFIX}{e.disk} changed since the checkpoint: a backing image that held "
+            f"part of its bitmap was dropped (libvirt's blockpull, blockcommit and blockcopy "
+            f"carry only bitmaps that still record): take a full backup")
 
 
 def _judge(entries: list[CheckpointDisk], capacity: Optional[int]) -> None:
@@ -102,7 +173,9 @@ def _judge(entries: list[CheckpointDisk], capacity: Optional[int]) -> None:
     ordered = sorted(entries, key=lambda e: e.seq, reverse=True)
     for i, e in enumerate(ordered):
         own = ""
-        if not e.present:
+        if e.chain_reason:
+            own = e.chain_reason
+        elif not e.present:
             own = MISSING
         elif e.inconsistent:
             own = CRASHED
@@ -151,9 +224,12 @@ def _parse_mirror(text: str) -> list[CheckpointDisk]:
             parsed = bitmaps.parse_checkpoint_bitmap(c.get("bitmap"))
             if parsed is None or parsed[2] != c.get("name"):
                 raise errors.InvalidArgument(f"checkpoint metadata: bad bitmap {c.get('bitmap')}")
+            copies = c.get("copies")
             result.append(CheckpointDisk(disk=d.get("name"), bitmap=c.get("bitmap"),
                                          seq=parsed[0], size=parsed[1], node=None,
-                                         present=False, deleting=c.get("deleting") == "yes"))
+                                         present=False, deleting=c.get("deleting") == "yes",
+                                         copies=int(copies) if copies else None,
+                                         chain_reason=_sticky(c.get("reason") or "")))
     return result
 
 
@@ -174,26 +250,28 @@ def mirror_document(cps: list[Checkpoint]) -> Optional[str]:
                 el.set("reason", d.reason)
             if d.deleting:
                 el.set("deleting", "yes")
+            if d.spread is not None:
+                el.set("copies", str(d.spread.nonempty))
     return etree.tostring(root, encoding="unicode")
 
 
 def scan(sess: Session, live: Optional[list[LiveDisk]] = None) -> list[Checkpoint]:
     """All checkpoints of the domain, oldest first, judged against the images."""
     live = live if live is not None else live_disks(sess)
-    by_node = bitmaps.by_node(sess.dom)
+    v = chains.read(sess.dom)
     capacity = {ld.name: ld.capacity for ld in live if ld.base}
     found: dict[tuple[str, str], CheckpointDisk] = {}
     for ld in live:
         if not ld.base:
             continue
-        for b in by_node.get(ld.base, []):
-            entry = _from_bitmap(ld.name, b)
-            if entry:
-                found[(entry.disk, entry.bitmap)] = entry
+        for entry in disk_entries(v, ld.name, ld.base):
+            found[(entry.disk, entry.bitmap)] = entry
     for old in _read_mirror(sess):
         key = (old.disk, old.bitmap)
         if key in found:
             found[key].deleting = old.deleting
+            found[key].chain_reason = found[key].chain_reason or old.chain_reason or \
+                _dropped_reason(found[key], old.copies)
         elif not old.deleting:
             found[key] = old          # remembered but gone from the image: a crash
     per_disk: dict[str, list[CheckpointDisk]] = {}
@@ -251,17 +329,21 @@ def _same(a: str, b: str) -> bool:
         return False
 
 
-def reconcile(sess: Session) -> list[Checkpoint]:
+def reconcile(sess: Session, live: Optional[list[LiveDisk]] = None) -> list[Checkpoint]:
     """Rebuild the checkpoint list from the images, finish deletions an
     interrupted call left half-done, and update the mirror."""
-    cps = scan(sess)
+    cps = scan(sess, live)
     pending = [c for c in cps if any(d.deleting and d.present for d in c.disks)]
+    for cp in [c for c in pending if _undeletable_reason(c)]:
+        log.warning("domain %s: cannot finish deleting checkpoint %s yet: %s",
+                    sess.dom.name(), cp.name, _undeletable_reason(cp))
+    pending = [c for c in pending if not _undeletable_reason(c)]
     for cp in pending:
         log.warning("domain %s: finishing the interrupted deletion of checkpoint %s",
                     sess.dom.name(), cp.name)
         bitmaps.run(sess.dom, _delete_actions(sess, cps, cp))
     if pending:
-        cps = scan(sess)
+        cps = scan(sess, live)
     sync_mirror(sess, cps)
     return cps
 
@@ -298,7 +380,7 @@ def plan_snapshot(sess: Session, rec: SnapshotRecord, live: dict[str, LiveDisk],
             d.anchor_seq = newest.seq
             d.frozen = f"{d.filter_node[:-3]}frz"
             actions.append(bitmaps.add(d.base, d.frozen, persistent=False, disabled=True))
-            actions.append(bitmaps.merge(d.base, d.frozen, [newest.bitmap]))
+            actions.append(bitmaps.merge(d.base, d.frozen, newest.sources()))
         if make_checkpoint:
             for e in entries:
                 if e.recording and not e.inconsistent:
@@ -306,7 +388,18 @@ def plan_snapshot(sess: Session, rec: SnapshotRecord, live: dict[str, LiveDisk],
                     actions.append(bitmaps.disable(d.base, e.bitmap))
             actions.append(bitmaps.add(d.base, bitmaps.checkpoint_bitmap_name(
                 rec.checkpoint_seq, ld.capacity, rec.checkpoint), persistent=True))
+        else:
+            actions += [bitmaps.disable(d.base, e.bitmap) for e in _stray_recording(entries)]
     return actions
+
+
+def _stray_recording(entries: list[CheckpointDisk]) -> list[CheckpointDisk]:
+    """Older checkpoints (all but the newest, oldest first) whose top copy records.
+
+    An active commit makes the base's copies the top ones, and those were never
+    disabled (they were read-only when their successor was made); what they record
+    is in the newer bitmaps too, so stopping them keeps the maps exact."""
+    return [e for e in entries[:-1] if e.recording and not e.inconsistent]
 
 
 def undo_snapshot_bitmaps(sess: Session, rec: SnapshotRecord, undo_checkpoint: bool) -> None:
@@ -352,7 +445,7 @@ def export_bitmap_actions(sess: Session, snap: SnapshotRecord, d: DiskRecord,
     older = [e for c in cps for e in c.disks
              if e.disk == d.name and e.present and entry.seq <= e.seq <= d.anchor_seq]
     older.sort(key=lambda e: e.seq)
-    sources = [e.bitmap for e in older[:-1]] + [d.frozen]   # the newest is in the frozen copy
+    sources = [s for e in older[:-1] for s in e.sources()] + [d.frozen]   # newest: frozen
     return [bitmaps.add(d.base, target, disabled=True), bitmaps.merge(d.base, target, sources)]
 
 
@@ -375,11 +468,16 @@ class BlockCheckpoint(NamedHandle):
     def delete(self, flags: int = 0) -> None:
         """Delete the checkpoint, keeping every other one exact.
 
-        Raises OperationInvalid while an export uses it."""
+        Raises OperationInvalid while an export uses it, or while its bitmap also
+        lives in a read-only backing image (after an external snapshot by libvirt)."""
         check_flags(flags, 0, "delete")
         with open_session(self._dom) as sess:
             cps = reconcile(sess)
             cp = _find(sess, cps, self._name)
+            reason = _undeletable_reason(cp)
+            if reason:
+                raise errors.OperationInvalid(f"checkpoint {cp.name!r} cannot be deleted now: "
+                                              f"{reason}")
             users = [e.name for e in sess.state.exports() if e.checkpoint == cp.name]
             if users:
                 raise errors.OperationInvalid(
@@ -403,6 +501,20 @@ def _find(sess: Session, cps: list[Checkpoint], name: str) -> Checkpoint:
     return cp
 
 
+def _undeletable_reason(cp: Checkpoint) -> str:
+    """Why a checkpoint cannot be deleted now ("" when it can): qemu refuses to
+    change a bitmap in a read-only backing image ("is readonly and cannot be
+    modified"), and a copy left behind there would come back, stale, when libvirt
+    commits or pulls that layer into the top."""
+    for d in cp.disks:
+        if d.present and (d.lower_layers or d.node is None):
+            files = ", ".join(la.file or la.node for la in d.lower_layers)
+            return (f"its bitmap on disk {d.disk!r} also lives in the read-only backing "
+                    f"image(s) {files} (libvirt's external snapshots keep it there); delete "
+                    f"it after a blockcommit or blockpull has merged the backing chain")
+    return ""
+
+
 def _delete_actions(sess: Session, cps: list[Checkpoint], cp: Checkpoint) -> list[dict]:
     actions: list[dict] = []
     for entry in cp.disks:
@@ -411,7 +523,8 @@ def _delete_actions(sess: Session, cps: list[Checkpoint], cp: Checkpoint) -> lis
         older = [e for c in cps for e in c.disks
                  if e.disk == entry.disk and e.present and e.seq < entry.seq]
         pred = max(older, key=lambda e: e.seq) if older else None
-        usable = pred is not None and not pred.inconsistent and not entry.inconsistent
+        usable = pred is not None and not pred.inconsistent and not entry.inconsistent \
+            and pred.node == entry.node
         for snap in sess.state.snapshots:
             d = snap.disk(entry.disk)
             if d is None or not d.frozen or d.anchor_seq < entry.seq:
@@ -419,9 +532,9 @@ def _delete_actions(sess: Session, cps: list[Checkpoint], cp: Checkpoint) -> lis
             anchor = max((e for c in cps for e in c.disks if e.disk == entry.disk and
                           e.present and e.seq <= d.anchor_seq), key=lambda e: e.seq)
             if anchor is entry and usable:
-                actions.append(bitmaps.merge(d.base, d.frozen, [pred.bitmap]))
+                actions.append(bitmaps.merge(d.base, d.frozen, pred.sources()))
         if usable:
-            actions.append(bitmaps.merge(entry.node, pred.bitmap, [entry.bitmap]))
+            actions.append(bitmaps.merge(entry.node, pred.bitmap, entry.sources()))
             if entry.recording:
                 actions.append(bitmaps.enable(entry.node, pred.bitmap))
         actions.append(bitmaps.remove(entry.node, entry.bitmap))
@@ -434,20 +547,21 @@ def _changed_bytes(sess: Session, cps: list[Checkpoint], cp: Checkpoint) -> dict
     for entry in cp.disks:
         if not entry.valid:
             continue
-        chain = [e.bitmap for c in cps for e in c.disks
-                 if e.disk == entry.disk and e.present and e.seq >= entry.seq]
-        if len(chain) == 1:
+        chain = [s for c in cps for e in c.disks
+                 if e.disk == entry.disk and e.present and e.seq >= entry.seq
+                 for s in e.sources()]
+        if chain == [entry.bitmap]:
             result[entry.disk] = next(b.count for b in bitmaps.by_node(sess.dom)[entry.node]
                                       if b.name == entry.bitmap)
             continue
         tmp = f"fleece-tmp-{time.time_ns():x}"
-        bitmaps.run(sess.dom, [bitmaps.add(entry.node, tmp, disabled=True),
-                               bitmaps.merge(entry.node, tmp, chain)])
+        bitmaps.run(sess.dom, [bitmaps.add(entry.top, tmp, disabled=True),
+                               bitmaps.merge(entry.top, tmp, chain)])
         try:
-            result[entry.disk] = next(b.count for b in bitmaps.by_node(sess.dom)[entry.node]
+            result[entry.disk] = next(b.count for b in bitmaps.by_node(sess.dom)[entry.top]
                                       if b.name == tmp)
         finally:
-            qmp.execute(sess.dom, "block-dirty-bitmap-remove", {"node": entry.node, "name": tmp})
+            qmp.execute(sess.dom, "block-dirty-bitmap-remove", {"node": entry.top, "name": tmp})
     return result
 
 
