@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 
 import libvirt
 import libvirt_qemu
@@ -361,9 +362,8 @@ def test_backup_auto_is_exact_across_an_external_snapshot_and_falls_back_when_lo
     external_snapshot(t, "ext2")
     q(dom, "block-dirty-bitmap-remove", {"node": top_node(dom),
                                          "name": bitmap_of(dom, r.point.checkpoint)})
-    cli = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".venv",
-                       "bin", "virsh-fleece")
-    out = subprocess.run([cli, "backup", t.name, "--target", target, "--auto"],
+    out = subprocess.run([sys.executable, "-m", "libvirt_fleece.cli", "backup", t.name,
+                          "--target", target, "--auto"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     said = out.stdout + out.stderr

@@ -63,7 +63,8 @@ log "exactness tier on the overlay read path: exit $r ($((SECONDS - t)) s)"
 
 t=$SECONDS
 r=0
-pytest tests/test_snapshot_export.py tests/test_checkpoints.py tests/test_readpath.py tests/test_coexistence.py \
+pytest tests/test_snapshot_export.py tests/test_checkpoints.py tests/test_checkpoint_chain.py \
+    tests/test_readpath.py tests/test_coexistence.py \
     tests/test_fleece_full.py "$@" || r=$?
 [[ $r == 5 && $# -gt 0 ]] && r=0
 log "snapshot/export, checkpoint, read-path and full-fleece tests: exit $r ($((SECONDS - t)) s)"
