@@ -335,6 +335,46 @@ def test_hook_time_per_invocation_and_start_stop_not_slowed(installed_hook, conn
 # --- last: restarts libvirtd ---------------------------------------------------------------
 
 
+def test_forged_config_record_naming_foreign_sockets_unlinks_nothing_at_start(installed_hook,
+                                                                              make_vm):
+    """Issue 12, item 9: a CONFIG record (server 'creating') naming someone else's sockets,
+    one at the plugin's own default path, reaches the hook's reconcile worker at the next
+    start: the worker repairs the record and leaves both sockets."""
+    import socket as socketlib
+    t = make_vm(disks=1, persistent=True)
+    t.destroy()
+    cfg = config.load()
+    os.makedirs(cfg.socket_dir, exist_ok=True)
+    listening = os.path.join(cfg.socket_dir, f"{t.name}.sock")     # the default name
+    dead = os.path.join(t.dir, "someone-else.sock")
+    owner = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
+    owner.bind(listening)
+    owner.listen(1)
+    gone = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
+    gone.bind(dead)
+    gone.close()
+    try:
+        for path in (listening, dead):
+            doc = (f"<state version='1'><server state='creating' type='unix' socket='{path}' "
+                   f"fdname='fleece-nbd'/></state>")
+            t.dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, doc, metadata.NS_PREFIX,
+                              metadata.NS_URI, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+            before = len(log_lines(t.name, "reconcile"))
+            t.dom.create()
+            wait_for(lambda: len(log_lines(t.name, "reconcile")) > before, 30,
+                     "the hook's reconcile worker did not run")
+            wait_for(lambda: metadata.NS_URI not in t.dom.XMLDesc(0), 30,
+                     "the forged record was not repaired")
+            assert os.path.exists(listening) and os.path.exists(dead), \
+                "a socket was unlinked because metadata named it"
+            t.dom.destroy()
+    finally:
+        owner.close()
+        for path in (listening, dead):
+            if os.path.exists(path):
+                os.unlink(path)
+
+
 def test_libvirtd_restart_while_an_export_is_read(installed_hook):
     """Runs on its own connection: the session's connection dies with the old libvirtd."""
     c = libvirt.open("qemu:///system")
@@ -401,43 +441,3 @@ def test_libvirtd_restart_while_an_export_is_read(installed_hook):
         t.conn = libvirt.open("qemu:///system")
         t.cleanup()
         t.conn.close()
-
-
-def test_forged_config_record_naming_foreign_sockets_unlinks_nothing_at_start(installed_hook,
-                                                                              make_vm):
-    """Issue 12, item 9: a CONFIG record (server 'creating') naming someone else's sockets,
-    one at the plugin's own default path, reaches the hook's reconcile worker at the next
-    start: the worker repairs the record and leaves both sockets."""
-    import socket as socketlib
-    t = make_vm(disks=1, persistent=True)
-    t.destroy()
-    cfg = config.load()
-    os.makedirs(cfg.socket_dir, exist_ok=True)
-    listening = os.path.join(cfg.socket_dir, f"{t.name}.sock")     # the default name
-    dead = os.path.join(t.dir, "someone-else.sock")
-    owner = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
-    owner.bind(listening)
-    owner.listen(1)
-    gone = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
-    gone.bind(dead)
-    gone.close()
-    try:
-        for path in (listening, dead):
-            doc = (f"<state version='1'><server state='creating' type='unix' socket='{path}' "
-                   f"fdname='fleece-nbd'/></state>")
-            t.dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, doc, metadata.NS_PREFIX,
-                              metadata.NS_URI, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
-            before = len(log_lines(t.name, "reconcile"))
-            t.dom.create()
-            wait_for(lambda: len(log_lines(t.name, "reconcile")) > before, 30,
-                     "the hook's reconcile worker did not run")
-            wait_for(lambda: metadata.NS_URI not in t.dom.XMLDesc(0), 30,
-                     "the forged record was not repaired")
-            assert os.path.exists(listening) and os.path.exists(dead), \
-                "a socket was unlinked because metadata named it"
-            t.dom.destroy()
-    finally:
-        owner.close()
-        for path in (listening, dead):
-            if os.path.exists(path):
-                os.unlink(path)
