@@ -125,12 +125,27 @@ def foreign_jobs(dom: libvirt.virDomain, disk: str, nodes: set[str]) -> list[str
     return found
 
 
-def file_children(dom: libvirt.virDomain) -> dict[str, str]:
-    """node -> its ``file`` child, as qemu's graph is now."""
+def _edges(dom: libvirt.virDomain) -> list[tuple[str, str, str]]:
+    """(parent, link name, child) of qemu's block graph as it is now ("" for a
+    parent without a node name, such as a device or an export)."""
     graph = qmp.execute(dom, "x-debug-query-block-graph")
     names = {n["id"]: n["name"] for n in graph["nodes"]}
-    return {names[e["parent"]]: names[e["child"]] for e in graph["edges"]
-            if e["name"] == "file" and e["parent"] in names and e["child"] in names}
+    return [(names.get(e["parent"], ""), e["name"], names.get(e["child"], ""))
+            for e in graph["edges"]]
+
+
+def file_children(dom: libvirt.virDomain) -> dict[str, str]:
+    """node -> its ``file`` child, as qemu's graph is now."""
+    return {parent: child for parent, link, child in _edges(dom)
+            if link == "file" and parent and child}
+
+
+def parents(dom: libvirt.virDomain) -> dict[str, set[str]]:
+    """node -> whatever holds it now (node names, "" for devices and exports)."""
+    found: dict[str, set[str]] = {}
+    for parent, _link, child in _edges(dom):
+        found.setdefault(child, set()).add(parent)
+    return found
 
 
 def set_drive(dom: libvirt.virDomain, qdev: str, node: str) -> None:

@@ -24,7 +24,9 @@ def write_atomic(path: str, data: bytes, mode: int = 0o644) -> None:
                                dir=directory)
     try:
         try:
-            os.write(fd, data)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
             if os.geteuid() == 0:
                 os.fchown(fd, 0, 0)
             os.fchmod(fd, mode)

@@ -45,11 +45,6 @@ def _drop_stale_records(sess: Session, nodes: set[str], export_ids: set[str]) ->
     return done
 
 
-def _graph_children(sess: Session) -> dict[str, str]:
-    """node -> its 'file' child, from qemu's block graph."""
-    return blockgraph.file_children(sess.dom)
-
-
 def _delete_what_can_go(dom, remaining: set[str], done: list[str]) -> None:
     """blockdev-del every node not (or no longer) in use, until nothing moves."""
     progress = True
@@ -70,7 +65,7 @@ def _remove_orphan_nodes(sess: Session, orphans: set[str]) -> list[str]:
     done: list[str] = []
     remaining = set(orphans)
     _delete_what_can_go(dom, remaining, done)      # access nodes first: they pin the filters
-    children = _graph_children(sess)
+    children = blockgraph.file_children(sess.dom)
     for qdev, dev in blockgraph.devices(dom).items():
         top = dev["inserted"]["node-name"]
         below = top

@@ -36,15 +36,6 @@ def _live_targets_and_indexes(sess: Session) -> tuple[set[str], set[str]]:
     return targets, indexes
 
 
-def _parents(dom) -> dict[str, set[str]]:
-    graph = qmp.execute(dom, "x-debug-query-block-graph")
-    names = {n["id"]: n["name"] for n in graph["nodes"]}
-    parents: dict[str, set[str]] = {}
-    for e in graph["edges"]:
-        parents.setdefault(names.get(e["child"], ""), set()).add(names.get(e["parent"], ""))
-    return parents
-
-
 def _remove_disk(sess: Session, snap: SnapshotRecord, d: DiskRecord) -> list[str]:
     """Remove one disk's exports, nodes, fdset and file; then libvirt's stranded nodes."""
     dom = sess.dom
@@ -82,7 +73,7 @@ def _delete_stranded(sess: Session, format_node: str) -> list[str]:
         same = _LIBVIRT_NODE.fullmatch(node) if node is not None else None
         if node is None or same is None or same.group(1) != match.group(1):
             break
-        if _parents(dom).get(node):
+        if blockgraph.parents(dom).get(node):
             break
         qmp.execute(dom, "blockdev-del", {"node-name": node})
         done.append(f"deleted node {node} that libvirt could not delete while the "
