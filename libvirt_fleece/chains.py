@@ -4,8 +4,10 @@
 libvirt's own graph changes move the plugin's checkpoint bitmaps between the
 layers of a disk's backing chain (checked on libvirt 9.0 / QEMU 7.2). libvirt
 acts only on bitmaps its rules call a valid chain (qemuBlockBitmapChainIsValid:
-a copy in the top image, no gap below it, every copy recording and consistent);
-a bitmap the plugin disabled (an older checkpoint) is never carried or merged:
+a copy in the top image, no gap below it, every copy recording and consistent).
+Since 0.3.0 every checkpoint bitmap records until it is deleted, as libvirt's
+own do, so all of them are carried; a bitmap an older version disabled (an
+older checkpoint made by 0.1/0.2) is never carried or merged:
 
 - an external snapshot adds, in the new overlay, an empty recording bitmap of
   the same name as each *recording* bitmap of the old top image; the old copies
@@ -19,8 +21,9 @@ a bitmap the plugin disabled (an older checkpoint) is never carried or merged:
 
 So the changes since a checkpoint are the union of the same-named bitmaps
 down the chain, and a checkpoint's history is whole only when every layer from
-where it was made up to where it stopped recording holds a copy. The functions
-here are pure (on qemu's recorded answers) except :func:`read`.
+where it was made up to where it stopped recording (the top, for a bitmap
+that still records) holds a copy. The functions here are pure (on qemu's
+recorded answers) except :func:`read`.
 """
 
 from __future__ import annotations
@@ -109,6 +112,7 @@ class Spread:
     depth: list[int]                 # their indexes in the chain
     granularity: int = 0             # of the topmost copy
     nonempty: int = 0                # copies with at least one dirty cluster
+    recording: bool = False          # whether the topmost copy records
 
     @property
     def in_top(self) -> bool:
@@ -131,7 +135,8 @@ def spreads(v: BlockView, chain: list[Layer], wanted) -> dict[str, Spread]:
     return {name: Spread(name, layers, depth,
                          v.bitmap_names(layers[0].node)[name].get("granularity", 0),
                          sum(1 for la in layers
-                             if v.bitmap_names(la.node)[name].get("count", 0) > 0))
+                             if v.bitmap_names(la.node)[name].get("count", 0) > 0),
+                         bool(v.bitmap_names(layers[0].node)[name].get("recording", False)))
             for name, (layers, depth) in found.items()}
 
 
@@ -161,12 +166,15 @@ def broken_reason(disk: str, chain: list[Layer], s: Spread, reach: int) -> str:
 
 def broken_reasons(disk: str, chain: list[Layer], newest_first: list[Spread]) -> dict[str, str]:
     """:func:`broken_reason` of each of one disk's checkpoint bitmaps, given newest
-    first (a missing newer one is judged elsewhere; the older ones then reach the
-    layer it would)."""
+    first. A bitmap that records in the top image must hold a copy in every layer
+    down to where it was made; one that stopped (0.1/0.2 disabled all but the
+    newest) only down from the layer the next newer one was made in. Without a top
+    copy the kind cannot be told (a lower copy of a disabled bitmap may still record:
+    read-only layers were never disabled), and the older rule is used."""
     reasons = {}
     reach = 0
     for s in newest_first:
-        reasons[s.name] = broken_reason(disk, chain, s, reach)
+        reasons[s.name] = broken_reason(disk, chain, s, 0 if s.recording and s.in_top else reach)
         if s.depth:
             reach = s.depth[-1]
     return reasons

@@ -1,19 +1,27 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
 """Checkpoints: changed-block tracking kept in persistent dirty bitmaps of the qcow2 images.
 
-Per disk, checkpoint X_i owns one persistent bitmap B_i that records the
-writes from X_i until the next checkpoint X_i+1 was made (only the newest
-records). The images are the truth: the chain, names, creation times and
+Per disk, checkpoint X_i owns one persistent bitmap B_i that records every
+write since X_i, until the checkpoint is deleted (as libvirt's own checkpoints
+do, so that libvirt's blockpull, blockcopy and commit carry it). Versions 0.1
+and 0.2 kept only the newest bitmap recording: such a disabled B_i holds the
+writes from X_i until X_i+1 was made. The changes since X_k are therefore
+``B_k | B_k+1 | ...`` (a recording B_j holds every newer one, so the union
+stops at the first recording bitmap), right for both kinds. The images are the truth: the chain, names, creation times and
 disk sizes are all in the bitmap names (:mod:`.bitmaps`), so they can be
 rebuilt after the domain's metadata is lost. The metadata holds a mirror
 (visible in the domain XML, per disk as the RFC shows) that also remembers
 checkpoints whose bitmaps vanished, so a crash is reported, never hidden.
 
 A snapshot S taken while X_a is the newest checkpoint freezes a private
-copy F_S of B_a at S's instant. The changes X_k -> S are then
-``B_k | ... | B_a-1 | F_S``, exact whatever is created or deleted later:
-deleting X_j merges B_j into its predecessor, and when X_j is a snapshot's
-anchor the predecessor is merged into that snapshot's F_S first.
+copy of every recording checkpoint bitmap at S's instant (:func:`frozen_copies`;
+F_S of B_a, the anchor, and one per older recording bitmap). The changes
+X_k -> S are then the union walk above with each recording bitmap replaced by
+its frozen copy, exact whatever is created or deleted later: deleting X_j
+merges B_j into a predecessor that no longer records (and enables it when B_j
+recorded), and a snapshot's frozen copy of X_j first takes in that
+predecessor when the snapshot has no copy of its own of it; the copy then
+serves the predecessor (:func:`serving_copies`).
 
 Across libvirt's external snapshots, commits, pulls and copies (see
 :mod:`.chains`), B_i may be spread over several layers of the disk's backing
@@ -60,7 +68,8 @@ CRASHED = ("qemu stopped uncleanly (crash or kill -9) while the bitmap was in us
            "may miss changes; take a full backup")
 MISSING = ("its bitmap is missing from the image (qemu stopped uncleanly before storing it, "
            "the image was replaced, or libvirt's blockcopy or blockpull did not carry it: "
-           "they carry only bitmaps that still record); take a full backup")
+           "they carry only bitmaps that still record, and 0.1/0.2 stopped older ones); "
+           "take a full backup")
 NOT_RECORDING = "its bitmap no longer records changes; take a full backup"
 
 
@@ -341,7 +350,7 @@ def reconcile(sess: Session, live: Optional[list[LiveDisk]] = None) -> list[Chec
     for cp in pending:
         log.warning("domain %s: finishing the interrupted deletion of checkpoint %s",
                     sess.dom.name(), cp.name)
-        bitmaps.run(sess.dom, _delete_actions(sess, cps, cp))
+        bitmaps.run(sess.dom, delete_actions(sess.state.snapshots, cps, cp))
     if pending:
         cps = scan(sess, live)
     sync_mirror(sess, cps)
@@ -379,27 +388,62 @@ def plan_snapshot(sess: Session, rec: SnapshotRecord, live: dict[str, LiveDisk],
         if newest is not None and newest.valid and newest.recording:
             d.anchor_seq = newest.seq
             d.frozen = f"{d.filter_node[:-3]}frz"
-            actions.append(bitmaps.add(d.base, d.frozen, persistent=False, disabled=True))
-            actions.append(bitmaps.merge(d.base, d.frozen, newest.sources()))
+            older = [e for e in entries[:-1] if e.recording and not e.inconsistent]
+            d.frozen_seqs = " ".join(f"{e.seq:x}" for e in older) or None
+            copies = frozen_copies(d)
+            for e in older + [newest]:
+                actions.append(bitmaps.add(d.base, copies[e.seq], persistent=False,
+                                           disabled=True))
+                actions.append(bitmaps.merge(d.base, copies[e.seq], e.sources()))
         if make_checkpoint:
-            for e in entries:
-                if e.recording and not e.inconsistent:
-                    d.disabled = e.bitmap
-                    actions.append(bitmaps.disable(d.base, e.bitmap))
             actions.append(bitmaps.add(d.base, bitmaps.checkpoint_bitmap_name(
                 rec.checkpoint_seq, ld.capacity, rec.checkpoint), persistent=True))
-        else:
-            actions += [bitmaps.disable(d.base, e.bitmap) for e in _stray_recording(entries)]
     return actions
 
 
-def _stray_recording(entries: list[CheckpointDisk]) -> list[CheckpointDisk]:
-    """Older checkpoints (all but the newest, oldest first) whose top copy records.
+def frozen_copies(d: DiskRecord) -> dict[int, str]:
+    """A snapshot's frozen checkpoint bitmaps on one disk, by the seq of the
+    checkpoint each was copied from: the anchor's (the newest at the instant)
+    and, since 0.3.0, one per older checkpoint bitmap that recorded then."""
+    if not d.frozen:
+        return {}
+    copies = {d.anchor_seq: d.frozen}
+    for s in (d.frozen_seqs or "").split():
+        copies[int(s, 16)] = f"{d.frozen}.{s}"
+    return copies
 
-    An active commit makes the base's copies the top ones, and those were never
-    disabled (they were read-only when their successor was made); what they record
-    is in the newer bitmaps too, so stopping them keeps the maps exact."""
-    return [e for e in entries[:-1] if e.recording and not e.inconsistent]
+
+def serving_copies(copies: dict[int, str], present: list[int]) -> dict[int, str]:
+    """Which present checkpoint (by seq) each frozen copy stands for: its own
+    checkpoint while that exists; once it was deleted, the newest older one that
+    has no copy of its own (the deletion merged that one's bitmap into the copy,
+    see :func:`delete_actions`). Lower seqs are taken first, as deletions did."""
+    serving = {seq: name for seq, name in copies.items() if seq in present}
+    for seq, name in sorted(copies.items()):
+        if seq in present:
+            continue
+        older = [p for p in present if p < seq]
+        if older and max(older) not in serving:
+            serving[max(older)] = name
+    return serving
+
+
+def union_sources(entries: list[CheckpointDisk], since: int,
+                  serving: Optional[dict[int, str]] = None) -> list:
+    """Merge sources for the changes since checkpoint ``since`` (seq): the bitmaps
+    of it and every newer one (each replaced by a snapshot's frozen copy standing
+    for it, from ``serving``), up to the first that records (it holds the rest)."""
+    serving = serving or {}
+    sources: list = []
+    for e in sorted((e for e in entries if e.present and e.seq >= since),
+                    key=lambda e: e.seq):
+        if e.seq in serving:
+            sources.append(serving[e.seq])
+            break
+        sources += e.sources()
+        if e.recording:
+            break
+    return sources
 
 
 def undo_snapshot_bitmaps(sess: Session, rec: SnapshotRecord, undo_checkpoint: bool) -> None:
@@ -408,8 +452,8 @@ def undo_snapshot_bitmaps(sess: Session, rec: SnapshotRecord, undo_checkpoint: b
     present = {(b.node, b.name) for bs in bitmaps.by_node(sess.dom).values() for b in bs}
     actions = []
     for d in rec.disks:
-        if d.frozen and (d.base, d.frozen) in present:
-            actions.append(bitmaps.remove(d.base, d.frozen))
+        actions += [bitmaps.remove(d.base, name) for name in frozen_copies(d).values()
+                    if (d.base, name) in present]
         if undo_checkpoint and rec.checkpoint:
             new = next((n for (node, n) in present if node == d.base and
                         (bitmaps.parse_checkpoint_bitmap(n) or (0, 0, ""))[2] == rec.checkpoint
@@ -442,10 +486,10 @@ def export_bitmap_actions(sess: Session, snap: SnapshotRecord, d: DiskRecord,
     if entry.seq > d.anchor_seq or not d.frozen:
         raise errors.InvalidArgument(
             f"checkpoint {checkpoint!r} is newer than snapshot {snap.name!r}")
-    older = [e for c in cps for e in c.disks
-             if e.disk == d.name and e.present and entry.seq <= e.seq <= d.anchor_seq]
-    older.sort(key=lambda e: e.seq)
-    sources = [s for e in older[:-1] for s in e.sources()] + [d.frozen]   # newest: frozen
+    entries = [e for c in cps for e in c.disks
+               if e.disk == d.name and e.present and e.seq <= d.anchor_seq]
+    serving = serving_copies(frozen_copies(d), [e.seq for e in entries])
+    sources = union_sources(entries, entry.seq, serving)
     return [bitmaps.add(d.base, target, disabled=True), bitmaps.merge(d.base, target, sources)]
 
 
@@ -487,7 +531,7 @@ class BlockCheckpoint(NamedHandle):
                 d.deleting = True
             sync_mirror(sess, cps)
             killpoint("checkpoint-delete:recorded")
-            bitmaps.run(sess.dom, _delete_actions(sess, cps, cp))
+            bitmaps.run(sess.dom, delete_actions(sess.state.snapshots, cps, cp))
             killpoint("checkpoint-delete:bitmaps-merged")
             reconcile(sess)
             log.info("domain %s: deleted checkpoint %s", self._dom.name(), cp.name)
@@ -515,25 +559,29 @@ def _undeletable_reason(cp: Checkpoint) -> str:
     return ""
 
 
-def _delete_actions(sess: Session, cps: list[Checkpoint], cp: Checkpoint) -> list[dict]:
+def delete_actions(snapshots: list[SnapshotRecord], cps: list[Checkpoint],
+                   cp: Checkpoint) -> list[dict]:
+    """The bitmap actions (one transaction) that delete ``cp`` and keep every
+    other checkpoint, and every snapshot's view of them, exact."""
     actions: list[dict] = []
     for entry in cp.disks:
         if not entry.present:
             continue
-        older = [e for c in cps for e in c.disks
-                 if e.disk == entry.disk and e.present and e.seq < entry.seq]
+        disk = [e for c in cps for e in c.disks if e.disk == entry.disk and e.present]
+        older = [e for e in disk if e.seq < entry.seq]
         pred = max(older, key=lambda e: e.seq) if older else None
         usable = pred is not None and not pred.inconsistent and not entry.inconsistent \
             and pred.node == entry.node
-        for snap in sess.state.snapshots:
+        for snap in snapshots:
             d = snap.disk(entry.disk)
-            if d is None or not d.frozen or d.anchor_seq < entry.seq:
+            if pred is None or not usable or d is None or not d.frozen \
+                    or d.anchor_seq < entry.seq:
                 continue
-            anchor = max((e for c in cps for e in c.disks if e.disk == entry.disk and
-                          e.present and e.seq <= d.anchor_seq), key=lambda e: e.seq)
-            if anchor is entry and usable:
-                actions.append(bitmaps.merge(d.base, d.frozen, pred.sources()))
-        if usable:
+            serving = serving_copies(frozen_copies(d),
+                                     [e.seq for e in disk if e.seq <= d.anchor_seq])
+            if entry.seq in serving and pred.seq not in serving:
+                actions.append(bitmaps.merge(d.base, serving[entry.seq], pred.sources()))
+        if usable and pred is not None and not pred.recording:
             actions.append(bitmaps.merge(entry.node, pred.bitmap, entry.sources()))
             if entry.recording:
                 actions.append(bitmaps.enable(entry.node, pred.bitmap))
@@ -547,9 +595,8 @@ def _changed_bytes(sess: Session, cps: list[Checkpoint], cp: Checkpoint) -> dict
     for entry in cp.disks:
         if not entry.valid:
             continue
-        chain = [s for c in cps for e in c.disks
-                 if e.disk == entry.disk and e.present and e.seq >= entry.seq
-                 for s in e.sources()]
+        chain = union_sources([e for c in cps for e in c.disks if e.disk == entry.disk],
+                              entry.seq)
         if chain == [entry.bitmap]:
             result[entry.disk] = next(b.count for b in bitmaps.by_node(sess.dom)[entry.node]
                                       if b.name == entry.bitmap)

@@ -62,7 +62,8 @@ class DiskRecord:
     capacity: int
     anchor_seq: int = 0             # newest checkpoint of the disk at snapshot time (0: none)
     frozen: Optional[str] = None    # bitmap: changes from that checkpoint to the snapshot
-    disabled: Optional[str] = None  # checkpoint bitmap this snapshot's checkpoint disabled
+    disabled: Optional[str] = None  # checkpoint bitmap this snapshot's checkpoint disabled (0.2)
+    frozen_seqs: Optional[str] = None   # hex seqs of the older checkpoints frozen too (0.3)
 
 
 @dataclasses.dataclass
@@ -129,6 +130,7 @@ class State:
 
 _DISK_ATTRS = {"fleece_node": "fleece-node", "filter_node": "filter-node",
                "access_node": "access-node", "anchor_seq": "anchor-seq",
+               "frozen_seqs": "frozen-seqs",
                "checkpoint_seq": "checkpoint-seq", "readpath": "read-path"}
 
 

@@ -112,13 +112,14 @@ def test_chain_of_checkpoints_across_snapshots_inactive_commit_and_pull(make_vm)
     snap(dom, "c1").delete()
     w1 = writes(t, [(0x11, 0, MiB)])
     external_snapshot(t, "ext1")
-    snap(dom, "c2").delete()                 # made in the overlay: c1 stops recording there
+    snap(dom, "c2").delete()                 # made in the overlay; c1 records on
     w2 = writes(t, [(0x21, 4 * MiB, MiB), (0x22, 0, 4096)])
-    external_snapshot(t, "ext2")             # libvirt copies only c2 (recording) up
+    external_snapshot(t, "ext2")             # libvirt copies both (recording) up
     w3 = writes(t, [(0x31, 8 * MiB, MiB)])
     layers = {c: [os.path.basename(f) for f in layers_holding(dom, bitmap_of(dom, c))]
               for c in ("c1", "c2")}
-    assert layers == {"c1": ["ext1.qcow2", "vda.qcow2"], "c2": ["ext1.qcow2", "ext2.qcow2"]}
+    assert layers == {"c1": ["ext1.qcow2", "ext2.qcow2", "vda.qcow2"],
+                      "c2": ["ext1.qcow2", "ext2.qcow2"]}
     assert since(dom, "c1") == clusters(w1 + w2 + w3)
     assert since(dom, "c2") == clusters(w2 + w3)
 
@@ -128,12 +129,13 @@ def test_chain_of_checkpoints_across_snapshots_inactive_commit_and_pull(make_vm)
     assert since(dom, "c1") == clusters(w1 + w2 + w3 + w4)
     assert since(dom, "c2") == clusters(w2 + w3 + w4)
 
-    # libvirt's pull keeps only the bitmaps of the top image (c2): c1 goes with the base
+    # libvirt's pull merges the recording bitmaps of the dropped layers into the top
     virsh("blockpull", t.name, "vda", "--wait")
     w5 = writes(t, [(0x51, 16 * MiB, MiB)])
-    assert layers_holding(dom, bitmap_of(dom, "c2")) == [os.path.join(t.dir, "ext2.qcow2")]
-    desc = lf.blockCheckpointLookupByName(dom, "c1").getXMLDesc()
-    assert "<valid>no</valid>" in desc and "missing" in desc
+    for c in ("c1", "c2"):
+        assert layers_holding(dom, bitmap_of(dom, c)) == [os.path.join(t.dir, "ext2.qcow2")]
+    assert valid(dom, "c1") and valid(dom, "c2")
+    assert since(dom, "c1") == clusters(w1 + w2 + w3 + w4 + w5)
     assert since(dom, "c2") == clusters(w2 + w3 + w4 + w5)
     lf.blockCheckpointLookupByName(dom, "c1").delete()
     assert names(dom) == ["c2"]
@@ -188,16 +190,24 @@ def test_commit_of_a_layer_holding_part_of_an_older_checkpoint(make_vm):
     assert since(dom, "c2") == clusters(w2 + w3 + w4)
 
 
-def test_pull_that_drops_the_history_of_a_disabled_bitmap_is_caught(make_vm):
-    """c1's writes are in the base only; its copy in the overlay is empty and disabled
-    (c2 was made there). libvirt's pull merges only recording bitmaps: c1 would be left
-    whole-looking but empty, and the plugin must say it lost its history."""
+def disable_as_0_2_did(dom, checkpoint):
+    """Stop a checkpoint's top copy, as 0.1/0.2 did to all but the newest checkpoint."""
+    q(dom, "block-dirty-bitmap-disable", {"node": top_node(dom),
+                                          "name": bitmap_of(dom, checkpoint)})
+
+
+def test_pull_that_drops_the_history_of_a_bitmap_0_2_disabled_is_caught(make_vm):
+    """A checkpoint made by 0.2: c1's writes are in the base only; its copy in the
+    overlay is empty and was disabled when c2 was made there. libvirt's pull merges only
+    recording bitmaps: c1 would be left whole-looking but empty, and the plugin must say
+    it lost its history."""
     t = make_vm(disks=1)
     dom = t.dom
     snap(dom, "c1").delete()
     writes(t, [(0x11, 0, MiB)])
     external_snapshot(t, "ext1")
     snap(dom, "c2").delete()
+    disable_as_0_2_did(dom, "c1")
     w2 = writes(t, [(0x21, 4 * MiB, MiB)])
     assert valid(dom, "c1") and valid(dom, "c2")             # the plugin looked
     virsh("blockpull", t.name, "vda", "--wait")
@@ -208,28 +218,35 @@ def test_pull_that_drops_the_history_of_a_disabled_bitmap_is_caught(make_vm):
     assert "<valid>no</valid>" in lf.blockCheckpointLookupByName(dom, "c1").getXMLDesc()
 
 
-def test_pull_right_after_libvirt_left_a_bitmap_below_loses_only_that_checkpoint(make_vm):
-    """c1 lives only in the backing images (libvirt did not copy it, disabled, into
-    ext2), and no plugin call comes between the external snapshot and the pull: the
-    pull drops c1 with its layers, so c1 is invalid with a reason, and c2 stays exact."""
+@pytest.mark.parametrize("made_by", ["0.3", "0.2"])
+def test_pull_right_after_an_external_snapshot_keeps_every_checkpoint(make_vm, made_by):
+    """No plugin call comes between the external snapshot and the pull. Every checkpoint
+    records, so libvirt carries all of them up and the pull merges them: all stay exact.
+    A checkpoint 0.2 had disabled lives only in the backing images (libvirt copies only
+    recording bitmaps), so the pull drops it: invalid with a reason, c2 exact."""
     t = make_vm(disks=1)
     dom = t.dom
     snap(dom, "c1").delete()
-    writes(t, [(0x11, 0, MiB)])
+    w1 = writes(t, [(0x11, 0, MiB)])
     external_snapshot(t, "ext1")
     snap(dom, "c2").delete()
+    if made_by == "0.2":
+        disable_as_0_2_did(dom, "c1")
     w2 = writes(t, [(0x21, 4 * MiB, MiB)])
     external_snapshot(t, "ext2")
     virsh("blockpull", t.name, "vda", "--wait")
     w3 = writes(t, [(0x31, 8 * MiB, MiB)])
-    desc = lf.blockCheckpointLookupByName(dom, "c1").getXMLDesc()
-    assert "<valid>no</valid>" in desc and "blockpull" in desc and "full backup" in desc
     assert valid(dom, "c2")
     assert since(dom, "c2") == clusters(w2 + w3)
-    snap(dom, "s", flags=0)
-    with pytest.raises(lf.OperationInvalid, match="missing"):
-        export(dom, "s", "c1")
-    lf.blockSnapshotLookupByName(dom, "s").delete()
+    if made_by == "0.3":
+        assert valid(dom, "c1") and since(dom, "c1") == clusters(w1 + w2 + w3)
+    else:
+        desc = lf.blockCheckpointLookupByName(dom, "c1").getXMLDesc()
+        assert "<valid>no</valid>" in desc and "blockpull" in desc and "full backup" in desc
+        snap(dom, "s", flags=0)
+        with pytest.raises(lf.OperationInvalid, match="missing"):
+            export(dom, "s", "c1")
+        lf.blockSnapshotLookupByName(dom, "s").delete()
     delete_everything(dom)
     assert names(dom) == []
 
@@ -262,21 +279,28 @@ def test_pull_of_a_disk_with_an_older_chain_and_blockcopy(make_vm):
     assert plugin_leftovers(dom) == {}
 
 
-def test_blockcopy_carries_the_newest_checkpoint_and_older_ones_become_invalid(make_vm):
-    """libvirt's blockcopy carries only recording bitmaps: the plugin's older
-    checkpoints (disabled) are left behind and said to be lost; the newest stays exact."""
+@pytest.mark.parametrize("made_by", ["0.3", "0.2"])
+def test_blockcopy_carries_every_checkpoint(make_vm, made_by):
+    """libvirt's blockcopy carries only recording bitmaps: every checkpoint records, so all
+    stay exact. An older checkpoint 0.2 had disabled is left behind and said to be lost;
+    the newest stays exact."""
     t = make_vm(disks=1)
     dom = t.dom
     snap(dom, "c1").delete()
-    writes(t, [(0x11, 0, MiB)])
+    w1 = writes(t, [(0x11, 0, MiB)])
     snap(dom, "c2").delete()
+    if made_by == "0.2":
+        disable_as_0_2_did(dom, "c1")
     w2 = writes(t, [(0x21, 4 * MiB, MiB)])
     external_snapshot(t, "ext1")
     w3 = writes(t, [(0x31, 8 * MiB, MiB)])
     virsh("blockcopy", t.name, "vda", os.path.join(t.dir, "copy.qcow2"), "--wait", "--pivot")
     w4 = writes(t, [(0x41, 12 * MiB, MiB)])
     desc = lf.blockCheckpointLookupByName(dom, "c1").getXMLDesc()
-    assert "<valid>no</valid>" in desc and "blockcopy" in desc and "full backup" in desc
+    if made_by == "0.3":
+        assert valid(dom, "c1") and since(dom, "c1") == clusters(w1 + w2 + w3 + w4)
+    else:
+        assert "<valid>no</valid>" in desc and "blockcopy" in desc and "full backup" in desc
     assert valid(dom, "c2") and since(dom, "c2") == clusters(w2 + w3 + w4)
     delete_everything(dom)
     assert names(dom) == [] and plugin_leftovers(dom) == {}

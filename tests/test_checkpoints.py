@@ -126,6 +126,59 @@ def test_deleting_checkpoints_keeps_every_other_range_exact(vm):
     assert plugin_leftovers(dom) == {}
 
 
+def _disable_top_copy(dom, checkpoint):
+    """Stop a checkpoint's bitmap, as 0.1/0.2 did to all but the newest checkpoint."""
+    import json
+    import libvirt_qemu
+    bitmap = next(b.name for bs in checkpoints.bitmaps.by_node(dom).values() for b in bs
+                  if b.name.endswith("." + checkpoint) and b.name.startswith("fleece-cp."))
+    node = next(n for n, bs in checkpoints.bitmaps.by_node(dom).items()
+                if any(b.name == bitmap for b in bs))
+    reply = json.loads(libvirt_qemu.qemuMonitorCommand(dom, json.dumps(
+        {"execute": "block-dirty-bitmap-disable",
+         "arguments": {"node": node, "name": bitmap}}), 0))
+    assert "error" not in reply, reply
+
+
+@pytest.mark.parametrize("made_by,order", [("0.3", "bca"), ("0.3", "cab"), ("0.2", "cab"),
+                                           ("0.2", "bca")])
+def test_deleting_checkpoints_in_any_order_keeps_stacked_snapshots_exact(make_vm, made_by,
+                                                                         order):
+    """Checkpoints a, b, c, then snapshots s1 and s2 with writes between every step; the
+    checkpoints are deleted one by one, and after each deletion every remaining
+    checkpoint's map in each snapshot is checked against the model. "0.2": the older
+    checkpoints were stopped as 0.2 did (only the newest recorded)."""
+    t = make_vm(disks=1)
+    dom = t.dom
+    log = []                                    # (event, writes since the previous)
+    for i, name in enumerate("abc"):
+        snap(dom, name)
+        if made_by == "0.2" and i:
+            _disable_top_copy(dom, "abc"[i - 1])
+        log.append((name, writes(t, [(0x10 + i, i * 2 * MiB + 512, MiB)])))
+    snap(dom, "s1", flags=0)
+    log.append(("s1", writes(t, [(0x20, 8 * MiB, MiB), (0x21, 0, 4096)])))
+    snap(dom, "s2", flags=0)
+    log.append(("s2", writes(t, [(0x30, 12 * MiB, 3 * 4096)])))
+
+    def model(cp, snapshot):
+        names_ = [n for n, _ in log]
+        return clusters([w for n, ws in log[names_.index(cp):names_.index(snapshot)]
+                         for w in ws])
+
+    remaining = ["a", "b", "c"]
+    for victim in order:
+        lf.blockCheckpointLookupByName(dom, victim).delete()
+        remaining.remove(victim)
+        assert names(dom) == remaining
+        for cp in remaining:
+            for snapshot in ("s1", "s2"):
+                assert changed(dom, snapshot, cp) == model(cp, snapshot), (victim, cp, snapshot)
+    for name in ("s2", "s1", "c", "b", "a"):
+        lf.blockSnapshotLookupByName(dom, name).delete(STOP)
+    assert plugin_leftovers(dom) == {}
+
+
 def test_checkpoint_outlives_its_snapshot_and_covers_only_its_disks(vm):
     dom = vm.dom
     snap(dom, "only-a", disks=("vda",)).delete()

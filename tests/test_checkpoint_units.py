@@ -1,0 +1,89 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""The checkpoint bitmap logic without qemu: which bitmaps make up "changed since",
+which frozen copy of a snapshot stands for which checkpoint, and what a deletion merges."""
+
+from __future__ import annotations
+
+from libvirt_fleece import bitmaps, checkpoints
+from libvirt_fleece.checkpoints import Checkpoint, CheckpointDisk
+from libvirt_fleece.metadata import DiskRecord, SnapshotRecord
+
+TOP = "libvirt-1-format"
+
+
+def entry(seq: int, recording: bool) -> CheckpointDisk:
+    name = bitmaps.checkpoint_bitmap_name(seq, 1 << 26, f"c{seq}")
+    return CheckpointDisk(disk="vda", bitmap=name, seq=seq, size=1 << 26, node=TOP,
+                          recording=recording, top=TOP)
+
+
+def cps(*entries: CheckpointDisk) -> list[Checkpoint]:
+    return [Checkpoint(name=f"c{e.seq}", seq=e.seq, disks=[e]) for e in entries]
+
+
+def disk(anchor: int, older: list[int]) -> DiskRecord:
+    return DiskRecord(name="vda", file="/x", qdev="q", base=TOP, below=TOP,
+                      fleece_node="fleece-1-fl", filter_node="fleece-1-cbw",
+                      access_node="fleece-1-acc", fdset=1, capacity=1 << 26,
+                      anchor_seq=anchor, frozen="fleece-1-frz",
+                      frozen_seqs=" ".join(f"{s:x}" for s in older) or None)
+
+
+def test_frozen_copies_keep_the_0_2_anchor_and_add_the_older_ones():
+    assert checkpoints.frozen_copies(disk(3, [])) == {3: "fleece-1-frz"}
+    assert checkpoints.frozen_copies(disk(0x30, [0x10, 0x20])) == {
+        0x30: "fleece-1-frz", 0x10: "fleece-1-frz.10", 0x20: "fleece-1-frz.20"}
+    d = disk(3, [])
+    d.frozen = None
+    assert checkpoints.frozen_copies(d) == {}
+
+
+def test_a_deleted_checkpoints_copy_serves_the_newest_older_one_without_a_copy():
+    copies = {1: "f1", 3: "f3"}
+    assert checkpoints.serving_copies(copies, [1, 3]) == {1: "f1", 3: "f3"}
+    assert checkpoints.serving_copies(copies, [1, 2]) == {1: "f1", 2: "f3"}   # 2 had none
+    assert checkpoints.serving_copies({3: "f3"}, [1, 2]) == {2: "f3"}
+    # two deleted ones above the same survivor: the lower one took it in
+    assert checkpoints.serving_copies({3: "f3", 5: "f5"}, [1]) == {1: "f3"}
+
+
+def test_changed_since_stops_at_the_first_recording_bitmap():
+    a, b, c = entry(1, False), entry(2, False), entry(3, True)      # made by 0.2
+    assert checkpoints.union_sources([a, b, c], 1) == [a.bitmap, b.bitmap, c.bitmap]
+    a, b, c = entry(1, True), entry(2, True), entry(3, True)         # made by 0.3
+    assert checkpoints.union_sources([c, b, a], 1) == [a.bitmap]
+    assert checkpoints.union_sources([a, b, c], 2) == [b.bitmap]
+    # in a snapshot, the frozen copy stands for the bitmap
+    assert checkpoints.union_sources([a, b, c], 2, {2: "f2", 3: "f3"}) == ["f2"]
+    a = entry(1, False)
+    assert checkpoints.union_sources([a, b, c], 1, {2: "f2"}) == [a.bitmap, "f2"]
+
+
+def snapshot(d: DiskRecord) -> SnapshotRecord:
+    return SnapshotRecord(name="s", id="1", state="ready", created=0, disks=[d])
+
+
+def test_deleting_a_recording_checkpoint_whose_predecessor_records_only_removes_it():
+    a, b = entry(1, True), entry(2, True)
+    s = snapshot(disk(2, [1]))
+    actions = checkpoints.delete_actions([s], cps(a, b), cps(a, b)[1])
+    assert actions == [bitmaps.remove(TOP, b.bitmap)]
+
+
+def test_deleting_the_anchor_above_a_stopped_predecessor_hands_the_copy_down():
+    """0.2's scheme: a stopped, b the anchor (recording, frozen in s). The copy first
+    takes in a (so it stands for a), then b goes into a, which records again."""
+    a, b = entry(1, False), entry(2, True)
+    s = snapshot(disk(2, []))
+    actions = checkpoints.delete_actions([s], cps(a, b), cps(a, b)[1])
+    assert actions == [bitmaps.merge(TOP, "fleece-1-frz", [a.bitmap]),
+                       bitmaps.merge(TOP, a.bitmap, [b.bitmap]),
+                       bitmaps.enable(TOP, a.bitmap),
+                       bitmaps.remove(TOP, b.bitmap)]
+
+
+def test_deleting_a_checkpoint_newer_than_the_snapshot_leaves_its_copies_alone():
+    a, b = entry(1, True), entry(5, True)
+    s = snapshot(disk(1, []))
+    assert checkpoints.delete_actions([s], cps(a, b), cps(a, b)[1]) == [
+        bitmaps.remove(TOP, b.bitmap)]
