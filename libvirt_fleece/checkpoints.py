@@ -7,8 +7,10 @@ do, so that libvirt's blockpull, blockcopy and commit carry it). Versions 0.1
 and 0.2 kept only the newest bitmap recording: such a disabled B_i holds the
 writes from X_i until X_i+1 was made. The changes since X_k are therefore
 ``B_k | B_k+1 | ...`` (a recording B_j holds every newer one, so the union
-stops at the first recording bitmap), right for both kinds. The images are the truth: the chain, names, creation times and
-disk sizes are all in the bitmap names (:mod:`.bitmaps`), so they can be
+stops at the first recording bitmap), right for both kinds.
+
+The images are the truth: the chain, names, creation times and disk sizes
+are all in the bitmap names (:mod:`.bitmaps`), so they can be
 rebuilt after the domain's metadata is lost. The metadata holds a mirror
 (visible in the domain XML, per disk as the RFC shows) that also remembers
 checkpoints whose bitmaps vanished, so a crash is reported, never hidden.
