@@ -113,6 +113,7 @@ class Spread:
     granularity: int = 0             # of the topmost copy
     nonempty: int = 0                # copies with at least one dirty cluster
     recording: bool = False          # whether the topmost copy records
+    any_recording: bool = False      # whether some copy records
 
     @property
     def in_top(self) -> bool:
@@ -136,7 +137,9 @@ def spreads(v: BlockView, chain: list[Layer], wanted) -> dict[str, Spread]:
                          v.bitmap_names(layers[0].node)[name].get("granularity", 0),
                          sum(1 for la in layers
                              if v.bitmap_names(la.node)[name].get("count", 0) > 0),
-                         bool(v.bitmap_names(layers[0].node)[name].get("recording", False)))
+                         bool(v.bitmap_names(layers[0].node)[name].get("recording", False)),
+                         any(v.bitmap_names(la.node)[name].get("recording", False)
+                             for la in layers))
             for name, (layers, depth) in found.items()}
 
 

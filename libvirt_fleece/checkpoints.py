@@ -167,10 +167,13 @@ def _sticky(reason: str) -> str:
 
 
 def _dropped_reason(e: CheckpointDisk, copies: Optional[int]) -> str:
-    """Why a bitmap that no longer records lost history since the last look ("" if
-    it did not): libvirt's commit, pull and copy merge only recording bitmaps, so
-    when fewer of its copies hold data than before, a layer went with its part."""
-    if copies is None or e.spread is None or e.recording or e.spread.nonempty >= copies:
+    """Why a bitmap that no longer records (made by 0.1/0.2) lost history since the
+    last look ("" if it did not): libvirt's commit, pull and copy merge only
+    recording bitmaps, so when fewer of its copies hold data than before, a layer
+    went with its part. Unless a remaining copy records: a commit into that layer
+    dirtied it with every cluster it copied (nothing lost, the map may grow)."""
+    if copies is None or e.spread is None or e.recording or e.spread.any_recording \
+            or e.spread.nonempty >= copies:
         return ""
     return (f"{CHAIN_PREFIX}{e.disk} changed since the checkpoint: a backing image that held "
             f"part of its bitmap was dropped (libvirt's blockpull, blockcommit and blockcopy "

@@ -108,12 +108,29 @@ def test_judging_a_lost_newer_checkpoint_breaks_every_older_one(recorded):
     assert e[C1].valid and e[C2].valid
 
 
+def stop(rec, node, bitmap):
+    """The recording with one bitmap copy disabled."""
+    rec = copy.deepcopy(rec)
+    for n in rec["query-named-block-nodes"]:
+        for b in n["dirty-bitmaps"] if n["node-name"] == node else []:
+            if b["name"] == bitmap:
+                b["recording"] = False
+    return rec
+
+
 def test_a_disabled_bitmap_that_lost_a_nonempty_copy_is_invalid(recorded):
-    e = entries(recorded)
+    e = entries(stop(recorded, BASE, C1))                # every copy of c1 stopped (0.2)
     assert checkpoints._dropped_reason(e[C1], 1) == ""
     assert checkpoints._dropped_reason(e[C1], None) == ""          # no memory: no claim
     assert "was dropped" in checkpoints._dropped_reason(e[C1], 2)
     assert checkpoints._dropped_reason(e[C2], 5) == ""             # recording: libvirt merged
+
+
+def test_fewer_nonempty_copies_are_no_loss_while_a_copy_records(recorded):
+    """0.2's c1 still records in the base (read-only when c2 was made, never stopped):
+    a commit into the base dirtied it with every cluster it copied."""
+    e = entries(recorded)
+    assert checkpoints._dropped_reason(e[C1], 2) == ""
 
 
 def test_the_mirror_remembers_copies_and_chain_reasons(recorded):

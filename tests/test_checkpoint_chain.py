@@ -74,6 +74,12 @@ def since(dom, checkpoint, name="s"):
         lf.blockSnapshotLookupByName(dom, name).delete()
 
 
+def disable_as_0_2_did(dom, checkpoint):
+    """Stop a checkpoint's top copy, as 0.1/0.2 did to all but the newest checkpoint."""
+    q(dom, "block-dirty-bitmap-disable", {"node": top_node(dom),
+                                          "name": bitmap_of(dom, checkpoint)})
+
+
 def valid(dom, checkpoint):
     return "<valid>yes</valid>" in lf.blockCheckpointLookupByName(dom, checkpoint).getXMLDesc()
 
@@ -144,16 +150,20 @@ def test_chain_of_checkpoints_across_snapshots_inactive_commit_and_pull(make_vm)
     assert plugin_leftovers(dom) == {}
 
 
-def test_active_commit_of_an_older_checkpoint_keeps_later_writes_out(make_vm):
-    """After an active commit, the base's copy of an older checkpoint (never disabled:
-    it was read-only when the newer one was made) is the top one and records again;
-    a snapshot stops it, so writes after the snapshot stay out of the map."""
+@pytest.mark.parametrize("made_by", ["0.3", "0.2"])
+def test_active_commit_of_an_older_checkpoint_keeps_later_writes_out(make_vm, made_by):
+    """After an active commit, the base's copies are the top ones (with 0.2's scheme,
+    an older checkpoint's base copy was never disabled: it was read-only when the newer
+    one was made, and records again); a snapshot freezes them, so writes after the
+    snapshot stay out of the map."""
     t = make_vm(disks=1)
     dom = t.dom
     snap(dom, "c1").delete()
     external_snapshot(t, "ext1")
     w1 = writes(t, [(0x11, 0, MiB)])
     snap(dom, "c2").delete()
+    if made_by == "0.2":
+        disable_as_0_2_did(dom, "c1")
     w2 = writes(t, [(0x21, 4 * MiB, MiB)])
     virsh("blockcommit", t.name, "vda", "--active", "--pivot", "--wait")
     w3 = writes(t, [(0x31, 8 * MiB, MiB)])
@@ -167,33 +177,32 @@ def test_active_commit_of_an_older_checkpoint_keeps_later_writes_out(make_vm):
     assert plugin_leftovers(dom) == {}
 
 
-def test_commit_of_a_layer_holding_part_of_an_older_checkpoint(make_vm):
-    """c1's writes W1 sit in ext1 only, in a copy disabled when c2 was made there.
-    libvirt does not merge that copy when it commits ext1 into the base, but qemu's
-    commit job dirties the base's (enabled) copy of c1 with every cluster it copies:
-    nothing is lost, and the maps stay exact."""
+@pytest.mark.parametrize("made_by", ["0.3", "0.2"])
+def test_commit_of_a_layer_holding_part_of_an_older_checkpoint(make_vm, made_by):
+    """c1 holds writes in the base (W0) and in ext1 (W1). With 0.2's scheme its ext1 copy
+    was disabled when c2 was made there: libvirt does not merge that copy when it commits
+    ext1 into the base, but qemu's commit job dirties the base's (enabled) copy of c1 with
+    every cluster it copies: nothing is lost (fewer copies hold data, yet c1 is not called
+    lost), and the maps stay exact. With 0.3's, libvirt merges the chains."""
     t = make_vm(disks=1)
     dom = t.dom
     snap(dom, "c1").delete()
+    w0 = writes(t, [(0x01, 20 * MiB, MiB)])
     external_snapshot(t, "ext1")
     w1 = writes(t, [(0x11, 0, MiB)])
     snap(dom, "c2").delete()
+    if made_by == "0.2":
+        disable_as_0_2_did(dom, "c1")
     w2 = writes(t, [(0x21, 4 * MiB, MiB)])
     external_snapshot(t, "ext2")
     w3 = writes(t, [(0x31, 8 * MiB, MiB)])
-    assert since(dom, "c1") == clusters(w1 + w2 + w3)
+    assert since(dom, "c1") == clusters(w0 + w1 + w2 + w3)
     virsh("blockcommit", t.name, "vda", "--top", os.path.join(t.dir, "ext1.qcow2"),
           "--base", t.disks[0]["path"], "--wait")
     w4 = writes(t, [(0x41, 12 * MiB, MiB)])
     assert valid(dom, "c1") and valid(dom, "c2")
-    assert since(dom, "c1") == clusters(w1 + w2 + w3 + w4)
+    assert since(dom, "c1") == clusters(w0 + w1 + w2 + w3 + w4)
     assert since(dom, "c2") == clusters(w2 + w3 + w4)
-
-
-def disable_as_0_2_did(dom, checkpoint):
-    """Stop a checkpoint's top copy, as 0.1/0.2 did to all but the newest checkpoint."""
-    q(dom, "block-dirty-bitmap-disable", {"node": top_node(dom),
-                                          "name": bitmap_of(dom, checkpoint)})
 
 
 def test_pull_that_drops_the_history_of_a_bitmap_0_2_disabled_is_caught(make_vm):
