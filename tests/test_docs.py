@@ -95,6 +95,14 @@ def test_the_pages_have_python_examples():
         assert page in pages_with_python, page
 
 
+def test_readme_stays_short_and_every_topic_page_has_examples():
+    assert _read("README.md").count("\n") <= 150, "README.md: move detail into docs/"
+    for page in PAGES:
+        if page not in ("README.md", "docs/index.md"):
+            text = _read(page)
+            assert "```" in text or re.search(r"^ {4}\S", text, flags=re.M), page
+
+
 @pytest.mark.parametrize("block", PYTHON, ids=lambda b: b.id)
 def test_python_block_compiles(block):
     compile(block.code, block.id, "exec")
