@@ -248,6 +248,8 @@ def test_libvirt_jobs_below_the_top_of_a_chain_leave_the_snapshot_exact(conn, op
         sock = re.search(r'socket="([^"]+)"', lf.blockExportList(dom)[0]).group(1)
         now = expected_image(SIZE, [(0x31, 0, 2 * MiB), (0x5A, 0, MiB), (0x77, 512 * 1024, MiB)])
         assert read_export(sock, "vda-p1") == now
+        lf.blockSnapshotLookupByName(dom, "p1").delete(
+            lf.VIR_DOMAIN_BLOCK_SNAPSHOT_DELETE_STOP_EXPORTS)   # no hook here to remove it
         dom.destroy()
     finally:
         shutil.rmtree(d, ignore_errors=True)
