@@ -96,6 +96,15 @@ def validate(root: etree._Element, schema: str, what: str) -> None:
             f"{what}: does not match the schema {schema}.rng ({detail})")
 
 
+def required(el: etree._Element, attribute: str) -> str:
+    """An attribute the schema requires, of a validated document. Raises InternalError."""
+    value = el.get(attribute)
+    if value is None:
+        raise errors.InternalError(f"<{el.tag}> has no {attribute!r} attribute, which the "
+                                   f"schema requires")
+    return value
+
+
 def tostring(root: etree._Element) -> str:
     return etree.tostring(root, pretty_print=True, encoding="unicode")
 
