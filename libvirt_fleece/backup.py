@@ -44,7 +44,8 @@ import subprocess
 import tempfile
 import threading
 import time
-from typing import Optional
+from types import FrameType
+from typing import TYPE_CHECKING, Iterator, NoReturn, Optional
 
 import libvirt
 from lxml import etree
@@ -62,6 +63,9 @@ from .backup_manifest import (BackupBusy, BackupCorrupt, BackupTargetError, DirL
 from .backup_progress import Counter, ProgressCallback, ProgressEvent
 from .backup_writer import point_warnings, suspect_reason
 from . import backup_manifest as mf
+
+if TYPE_CHECKING:
+    import nbd
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +175,7 @@ def _decide(dom: libvirt.virDomain, bdir: BackupDir, manifest: Manifest, disks: 
     incremental."""
     if mode == "full":
         return "full", "a full backup was asked for", None
-    problem = None
+    problem: Optional[str] = None
     last = manifest.points[-1] if manifest.points else None
     if last is None:
         problem = f"{bdir.path} holds no backup yet"
@@ -192,11 +196,11 @@ def _decide(dom: libvirt.virDomain, bdir: BackupDir, manifest: Manifest, disks: 
                 problem = f"files of point {last.index} are missing: {', '.join(missing)}"
         if problem is None:
             problem = _checkpoint_problem(dom, last.checkpoint)
-    if problem is None and mode == "auto":
-        problem = suspect_reason(manifest, last)    # a fresh full one rather than build on it
-    if problem is None:
-        return ("incremental", f"checkpoint {last.checkpoint} of point {last.index} is valid",
-                last)
+        if problem is None and mode == "auto":
+            problem = suspect_reason(manifest, last)    # a fresh full one rather than build on it
+        if problem is None:
+            return ("incremental", f"checkpoint {last.checkpoint} of point {last.index} is valid",
+                    last)
     if mode == "incremental":
         raise NoValidChain(f"cannot take an incremental backup: {problem}; take a full one "
                            f"(--full, or --auto which picks it)")
@@ -218,7 +222,7 @@ def _export_xml(sock: str, name: str, disks: list[_Disk], base: Optional[Point])
         attrs = {"name": d.name, "snapshot": name, "exportname": d.name}
         if base is not None:
             attrs["checkpoint"] = base.checkpoint
-        etree.SubElement(root, "disk", **attrs)
+        etree.SubElement(root, "disk", attrs)
     return etree.tostring(root, encoding="unicode")
 
 
@@ -226,11 +230,13 @@ def _exported(dom: libvirt.virDomain, snapshot: str) -> dict[str, dict[str, str]
     """Disk -> the attributes of its <disk> in blockExportList's live document, for
     the exports of ``snapshot`` (one call serves the bitmaps and the read path).
     Raises the plugin's export errors."""
-    out = {}
+    out: dict[str, dict[str, str]] = {}
     for doc in exports.list_all(dom):
         for d in etree.fromstring(doc.encode()).findall("disk"):
-            if d.get("snapshot") == snapshot and d.get("name"):
-                out[d.get("name")] = dict(d.attrib)
+            name = d.get("name")
+            if d.get("snapshot") == snapshot and name:
+                # lxml's attributes are str on Python 3 (its stubs also allow bytes)
+                out[name] = {str(k): str(v) for k, v in d.attrib.items()}
     return out
 
 
@@ -270,14 +276,14 @@ def _writer_info(dom: libvirt.virDomain, exported: dict[str, dict[str, str]]) ->
 
 
 @contextlib.contextmanager
-def _sigterm_as_interrupt():
+def _sigterm_as_interrupt() -> Iterator[None]:
     """In the main thread, turn SIGTERM into KeyboardInterrupt so teardown runs."""
     if threading.current_thread() is not threading.main_thread() or \
             signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
         yield
         return
 
-    def handler(signum, frame):
+    def handler(signum: int, frame: Optional[FrameType]) -> NoReturn:
         raise KeyboardInterrupt("SIGTERM")
 
     signal.signal(signal.SIGTERM, handler)
@@ -439,7 +445,7 @@ def _copy_all(bdir: BackupDir, manifest: Manifest, disks: list[_Disk], index: in
               sock: str, bitmaps: dict[str, str], progress: Optional[ProgressCallback],
               in_flight: int) -> list[DiskEntry]:
     """Plan every disk, then copy all of them in parallel threads."""
-    plans = []
+    plans: list[tuple[_Disk, nbd.NBD, list[backup_copy.Extent]]] = []
     try:
         for d in disks:
             ctx = f"qemu:dirty-bitmap:{bitmaps[d.name]}" if base is not None else None
@@ -455,9 +461,14 @@ def _copy_all(bdir: BackupDir, manifest: Manifest, disks: list[_Disk], index: in
         counter = Counter(progress, sum(backup_copy.data_bytes(p[2]) for p in plans))
         cancel = threading.Event()
 
-        def one(d: _Disk, src, extents) -> DiskEntry:
+        def one(d: _Disk, src: nbd.NBD, extents: list[backup_copy.Extent]) -> DiskEntry:
             file = mf.file_name(d.name, index)
-            backing = base.disk(d.name).file if base is not None else None
+            backing = None
+            if base is not None:
+                base_disk = base.disk(d.name)
+                if base_disk is None:       # _decide compared the disk sets
+                    raise errors.InternalError(f"point {base.index} has no disk {d.name!r}")
+                backing = base_disk.file
             chain = manifest.chain(base, d.name) if base is not None else []
             fd = bdir.create(file + ".part", _image_mode())     # O_EXCL, never a link
             try:
@@ -596,9 +607,8 @@ def _recover(bdir: BackupDir, conn: Optional[libvirt.virConnect]) -> list[str]:
         if manifest is not None and journal.checkpoint else None
     dom = None
     if journal.domain_uuid:
-        own = conn is None
         try:
-            if own:
+            if conn is None:
                 conn = virt.open_connection(journal.uri or None)
             dom = conn.lookupByUUIDString(journal.domain_uuid)
         except libvirt.libvirtError:
@@ -606,9 +616,9 @@ def _recover(bdir: BackupDir, conn: Optional[libvirt.virConnect]) -> list[str]:
         except errors.Error as e:
             log.warning("cannot reach libvirt to clean up domain %s: %s", journal.domain_uuid, e)
     if point is not None:       # the manifest lists it: roll forward
-        for e in point.disks:
-            if bdir.exists(e.file + ".part") and not bdir.exists(e.file):
-                bdir.rename(e.file + ".part", e.file)
+        for disk in point.disks:
+            if bdir.exists(disk.file + ".part") and not bdir.exists(disk.file):
+                bdir.rename(disk.file + ".part", disk.file)
         bdir.fsync()
         if dom is not None and dom.isActive() and journal.snapshot:
             _teardown(dom, journal.snapshot)

@@ -130,7 +130,7 @@ class OpenChain:
     def __enter__(self) -> "OpenChain":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def close(self) -> None:

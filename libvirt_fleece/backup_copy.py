@@ -302,10 +302,10 @@ def copy(src: "nbd.NBD", dst: Optional["nbd.NBD"], extents: list[Extent],
                     exhausted = True
                     break
                 if e.zero:
-                    if dst is None:
-                        digest.add_zero(e.offset, e.length)
-                    else:
+                    if dst is not None:
                         writes[dst.aio_zero(e.length, e.offset)] = (None, e, None)
+                    elif digest is not None:        # no dst: a digest (checked above)
+                        digest.add_zero(e.offset, e.length)
                     continue
                 slot = free.pop()
                 view = memoryview(buffers[slot])[:e.length]
@@ -319,8 +319,9 @@ def copy(src: "nbd.NBD", dst: Optional["nbd.NBD"], extents: list[Extent],
             for cookie in _completed(src, reads):
                 slot, e = reads.pop(cookie)
                 view = memoryview(buffers[slot])[:e.length]
-                hashed = hasher.submit(digest.hash_piece, view) if hasher else None
+                hashed = hasher.submit(digest.hash_piece, view) if hasher and digest else None
                 if dst is None:
+                    assert hashed is not None       # no dst: a digest (checked above)
                     hashing.append((slot, e, hashed))
                 else:
                     writes[dst.aio_pwrite(view, e.offset)] = (slot, e, hashed)
@@ -329,14 +330,15 @@ def copy(src: "nbd.NBD", dst: Optional["nbd.NBD"], extents: list[Extent],
                 finished.append(hashing.pop(0))
             if hashing and not reads and not finished:
                 finished.append(hashing.pop(0))     # every buffer is hashing: wait for one
-            for slot, e, hashed in finished:
+            for freed, e, hashed in finished:
                 if digest is not None:
                     if e.zero:
                         digest.add_zero(e.offset, e.length)
                     else:
+                        assert hashed is not None   # read while there was a digest
                         digest.add_data(e.offset, e.length, hashed.result())
-                if slot is not None:
-                    free.append(slot)       # its hash is done: result() returned
+                if freed is not None:
+                    free.append(freed)      # its hash is done: result() returned
                     copied += e.length
                     if progress:
                         progress(e.length)

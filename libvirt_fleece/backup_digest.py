@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import struct
 import threading
+from typing import Union
 
 from . import backup_copy as bc, errors
 
@@ -45,7 +46,7 @@ class LayerDigest:
         self._lock = threading.Lock()
 
     @staticmethod
-    def hash_piece(data) -> bytes:
+    def hash_piece(data: Union[bytes, bytearray, memoryview]) -> bytes:
         """The SHA-256 of one piece (bytes-like; hashlib drops the GIL while hashing)."""
         return hashlib.sha256(data).digest()
 

@@ -59,7 +59,7 @@ class BackupDir:
     def __enter__(self) -> "BackupDir":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def close(self) -> None:

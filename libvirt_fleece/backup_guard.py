@@ -35,9 +35,11 @@ class Guard:
 
     def done(self) -> None:
         """The backup cleaned up after itself: let the guard go without doing anything."""
+        stdin = self._proc.stdin
+        assert stdin is not None        # stdin=PIPE
         try:
-            self._proc.stdin.write(b"done\n")
-            self._proc.stdin.close()
+            stdin.write(b"done\n")
+            stdin.close()
         except OSError:
             log.warning("the backup's guard process is gone")
         try:

@@ -309,8 +309,8 @@ def _disk(d: Any, index: int, files: dict[str, int], max_size: int) -> DiskEntry
                          f"{file_name(name, index)}")
     backing = d.get("backing")
     if backing is not None:
-        check_file_name(backing)
-        if FILE_RE.fullmatch(backing).group("disk") != name or backing not in files:
+        m = FILE_RE.fullmatch(check_file_name(backing))
+        if m is None or m.group("disk") != name or backing not in files:
             raise ValueError(f"backing file {_short(backing)} of {file} is not a file of "
                              f"an earlier point of disk {name}")
     return DiskEntry(name=name, file=file,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from typing import Optional
+from typing import Optional, TypedDict
 
 import libvirt
 
@@ -43,7 +43,14 @@ def new_snapshot_id(existing: set[str]) -> str:
             return sid
 
 
-def disk_node_names(sid: str, index: int) -> dict[str, str]:
+class DiskNodeNames(TypedDict):
+    """The node fields of a metadata.DiskRecord."""
+    fleece_node: str
+    filter_node: str
+    access_node: str
+
+
+def disk_node_names(sid: str, index: int) -> DiskNodeNames:
     """Node names of one disk of a snapshot (all well under qemu's 31 characters)."""
     base = f"{PREFIX}{sid}-{index}"
     return {"fleece_node": f"{base}-img", "filter_node": f"{base}-cbw",

@@ -17,15 +17,18 @@ import logging
 import os
 import sys
 import traceback
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+
+import libvirt
 
 import libvirt_fleece as fleece
 
 from . import cli_backup, cli_hook, errors, virt
 from .cliformat import (EXPORT_START_DISK_KEYS, EXPORT_STOP_DISK_KEYS, SNAPSHOT_DISK_KEYS,
-                        ExportRow, checkpoint_table, disk_spec_type, export_table, export_xml,
-                        format_table, format_time, human_size, parse_checkpoint_desc,
-                        parse_export_list, parse_snapshot_desc, snapshot_xml)
+                        CheckpointRow, ExportRow, checkpoint_table, disk_spec_type, export_table,
+                        export_xml, format_table, format_time, human_size,
+                        parse_checkpoint_desc, parse_export_list, parse_snapshot_desc,
+                        snapshot_xml)
 
 PROG = "virsh-fleece"
 
@@ -38,15 +41,15 @@ class Context:
     def __init__(self, uri: Optional[str], quiet: bool) -> None:
         self.uri = uri
         self.quiet = quiet
-        self._conn = None
+        self._conn: Optional[libvirt.virConnect] = None
 
     @property
-    def conn(self):
+    def conn(self) -> libvirt.virConnect:
         if self._conn is None:
             self._conn = virt.open_connection(self.uri)
         return self._conn
 
-    def domain(self, ident: str):
+    def domain(self, ident: str) -> libvirt.virDomain:
         return virt.lookup_domain(self.conn, ident)
 
     def say(self, text: str) -> None:
@@ -76,11 +79,11 @@ def read_xml_file(path: str) -> str:
         raise errors.InvalidArgument(f"cannot read {path}: not UTF-8 text") from e
 
 
-def _export_rows(dom) -> list[ExportRow]:
+def _export_rows(dom: libvirt.virDomain) -> list[ExportRow]:
     return parse_export_list(fleece.blockExportList(dom))
 
 
-def _start_exports(ctx: Context, dom, xml: str) -> int:
+def _start_exports(ctx: Context, dom: libvirt.virDomain, xml: str) -> int:
     before = {r.exportname for r in _export_rows(dom)}
     fleece.blockExportStart(dom, xml)
     for r in _export_rows(dom):
@@ -91,7 +94,7 @@ def _start_exports(ctx: Context, dom, xml: str) -> int:
     return 0
 
 
-def _stop_exports(ctx: Context, dom, xml: str, force: bool) -> int:
+def _stop_exports(ctx: Context, dom: libvirt.virDomain, xml: str, force: bool) -> int:
     before = _export_rows(dom)
     flags = fleece.VIR_DOMAIN_BLOCK_EXPORT_STOP_FORCE if force else 0
     fleece.blockExportStop(dom, xml, flags)
@@ -194,17 +197,18 @@ def cmd_blockexport_list(ctx: Context, args: argparse.Namespace) -> int:
 
 def cmd_blockcheckpoint_list(ctx: Context, args: argparse.Namespace) -> int:
     dom = ctx.domain(args.domain)
-    rows = []
+    names: list[str] = []
+    rows: list[CheckpointRow] = []
     for cp in fleece.blockCheckpointList(dom):
         if args.name:
-            rows.append(cp.getName())
+            names.append(cp.getName())
             continue
         try:
             rows.append(parse_checkpoint_desc(cp.getXMLDesc()))
         except fleece.NotFound:
             continue        # deleted meanwhile
     if args.name:
-        for name in rows:
+        for name in names:
             print(name)
         return 0
     print(checkpoint_table(rows, header=not ctx.quiet))
@@ -259,12 +263,20 @@ Run 'virsh-fleece COMMAND --help' for a command's options and examples.
 class _Parser(argparse.ArgumentParser):
     """Subparsers inherit the formatter that keeps the examples' line breaks."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
         super().__init__(*args, **kwargs)
 
 
-def _add(sub, name: str, func, help: str, examples: str) -> argparse.ArgumentParser:
+# A subcommand: func(ctx, args) -> exit status.
+Command = Callable[[Context, argparse.Namespace], int]
+if TYPE_CHECKING:
+    # What add_subparsers returns (generic only in the stubs).
+    SubParsers = argparse._SubParsersAction[_Parser]
+
+
+def _add(sub: SubParsers, name: str, func: Command, help: str,
+         examples: str) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help, description=help[:1].upper() + help[1:] + ".",
                        epilog="Examples:\n" + examples)
     p.set_defaults(func=func, subparser=p)
@@ -281,7 +293,7 @@ def _checkpoint_option(p: argparse.ArgumentParser) -> None:
                         "(qcow2 disks only), for later exports with checkpoint=NAME")
 
 
-def _add_snapshot_commands(sub) -> None:
+def _add_snapshot_commands(sub: SubParsers) -> None:
     p = _add(sub, "blocksnapshot-create", cmd_blocksnapshot_create,
              "create a temporary block snapshot from an XML file", """\
   virsh-fleece blocksnapshot-create web1 snap.xml
@@ -350,7 +362,7 @@ def _port(text: str) -> int:
     return port
 
 
-def _add_export_commands(sub) -> None:
+def _add_export_commands(sub: SubParsers) -> None:
     p = _add(sub, "blockexport-start", cmd_blockexport_start,
              "export snapshots over NBD from an XML file", """\
   virsh-fleece blockexport-start web1 export.xml
@@ -419,7 +431,7 @@ def _add_export_commands(sub) -> None:
     p.add_argument("--xml", action="store_true", help="print the raw <blockexport> documents")
 
 
-def _add_checkpoint_commands(sub) -> None:
+def _add_checkpoint_commands(sub: SubParsers) -> None:
     p = _add(sub, "blockcheckpoint-list", cmd_blockcheckpoint_list,
              "list a domain's checkpoints, oldest first, and whether they are usable", """\
   virsh-fleece blockcheckpoint-list web1
@@ -443,7 +455,7 @@ def _add_checkpoint_commands(sub) -> None:
     p.add_argument("name", metavar="NAME", help="checkpoint name")
 
 
-def _add_repair_command(sub) -> None:
+def _add_repair_command(sub: SubParsers) -> None:
     p = _add(sub, "repair", cmd_repair,
              "make the plugin's record and qemu agree: finish interrupted calls, remove "
              "orphans, rebuild checkpoints", """\
@@ -452,7 +464,7 @@ def _add_repair_command(sub) -> None:
     _domain(p)
 
 
-def _add_demo_command(sub) -> None:
+def _add_demo_command(sub: SubParsers) -> None:
     p = _add(sub, "demo", cmd_demo,
              "snapshot, export and copy a throwaway domain's disk, and verify the copy", """\
   virsh-fleece demo

@@ -6,13 +6,26 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any, Callable, Protocol, Sequence
+
+import libvirt
 
 from . import backup as bk
 from .backup_progress import Bar, LogLines, _size
 from .backup_writer import clean
 
 
-def cmd_backup(ctx, args: argparse.Namespace) -> int:
+class _Context(Protocol):
+    """What these commands use of cli.Context."""
+
+    quiet: bool
+
+    def domain(self, ident: str) -> libvirt.virDomain: ...
+
+    def say(self, text: str) -> None: ...
+
+
+def cmd_backup(ctx: _Context, args: argparse.Namespace) -> int:
     dom = ctx.domain(args.domain)
     progress = None
     if not ctx.quiet:
@@ -25,14 +38,14 @@ def cmd_backup(ctx, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_restore(ctx, args: argparse.Namespace) -> int:
+def cmd_restore(ctx: _Context, args: argparse.Namespace) -> int:
     path = bk.restore(args.dir, args.disk, args.to, point=args.point,
                       check=not args.no_check)
     ctx.say(f"Disk {args.disk} restored to {path}")
     return 0
 
 
-def cmd_info(ctx, args: argparse.Namespace) -> int:
+def cmd_info(ctx: _Context, args: argparse.Namespace) -> int:
     """The points as a table, then one WARNING line per point an affected version
     wrote (also with --quiet). Manifest strings are printed without control characters."""
     m = bk.info(args.dir)
@@ -49,7 +62,7 @@ def cmd_info(ctx, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_verify(ctx, args: argparse.Namespace) -> int:
+def cmd_verify(ctx: _Context, args: argparse.Namespace) -> int:
     """Exit 1 when a file does not match the manifest; warnings alone keep exit 0
     (the files are what was written; only the data read then is in doubt)."""
     report = bk.verify(args.dir)
@@ -66,10 +79,10 @@ def cmd_verify(ctx, args: argparse.Namespace) -> int:
     return 1
 
 
-def _table(headers, rows, header: bool = True) -> str:
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], header: bool = True) -> str:
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
 
-    def line(cells) -> str:
+    def line(cells: Sequence[str]) -> str:
         return (" " + "   ".join(c.ljust(w) for c, w in zip(cells, widths))).rstrip()
 
     out = [line(headers), "-" * (len(line(headers)) + 2)] if header else []
@@ -86,7 +99,9 @@ def _point(text: str) -> int:
     return n
 
 
-def register(sub, add, domain) -> None:
+def register(sub: argparse._SubParsersAction[Any],
+             add: Callable[..., argparse.ArgumentParser],
+             domain: Callable[[argparse.ArgumentParser], None]) -> None:
     """Add this module's subcommands.
 
     add(sub, name, func, help, examples) -> ArgumentParser creates one

@@ -10,8 +10,15 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import Any, Callable, Optional, Protocol
 
 from . import errors, hookinstall
+
+
+class _Context(Protocol):
+    """What these commands use of cli.Context."""
+
+    def say(self, text: str) -> None: ...
 
 
 def _require_root() -> None:
@@ -20,13 +27,13 @@ def _require_root() -> None:
             f"installing hooks in {hookinstall.HOOKS_DIR} needs root; run it with sudo")
 
 
-def cmd_hook_install(ctx, args: argparse.Namespace) -> int:
+def cmd_hook_install(ctx: _Context, args: argparse.Namespace) -> int:
     _require_root()
     ctx.say(hookinstall.install(reload=args.reload))
     return 0
 
 
-def cmd_hook_uninstall(ctx, args: argparse.Namespace) -> int:
+def cmd_hook_uninstall(ctx: _Context, args: argparse.Namespace) -> int:
     _require_root()
     ctx.say(hookinstall.uninstall())
     return 0
@@ -34,7 +41,7 @@ def cmd_hook_uninstall(ctx, args: argparse.Namespace) -> int:
 
 def format_status(st: hookinstall.Status) -> str:
     """``hook-status`` output: one ``key: value`` line each, like ``virsh dominfo``."""
-    def yes(flag) -> str:
+    def yes(flag: Optional[bool]) -> str:
         return "unknown" if flag is None else ("yes" if flag else "no")
 
     rows = [
@@ -58,12 +65,14 @@ def format_status(st: hookinstall.Status) -> str:
     return "\n".join(lines)
 
 
-def cmd_hook_status(ctx, args: argparse.Namespace) -> int:
+def cmd_hook_status(ctx: _Context, args: argparse.Namespace) -> int:
     print(format_status(hookinstall.status()))
     return 0
 
 
-def register(sub, add, domain) -> None:
+def register(sub: argparse._SubParsersAction[Any],
+             add: Callable[..., argparse.ArgumentParser],
+             domain: Callable[[argparse.ArgumentParser], None]) -> None:
     """Add this module's subcommands.
 
     add(sub, name, func, help, examples) -> ArgumentParser creates one

@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 import functools
 import time
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 from urllib.parse import quote
 
 from lxml import etree
@@ -101,7 +101,7 @@ def _tostring(root: etree._Element) -> str:
 def _xml_safe(build: Callable[..., str]) -> Callable[..., str]:
     """Turn lxml's refusal of control characters into a clear InvalidArgument."""
     @functools.wraps(build)
-    def wrapper(*args, **kwargs) -> str:
+    def wrapper(*args: Any, **kwargs: Any) -> str:
         try:
             return build(*args, **kwargs)
         except ValueError as e:
@@ -119,8 +119,9 @@ def snapshot_xml(name: Optional[str], disks: Sequence[DiskSpec],
         etree.SubElement(root, "name").text = name
     for d in disks:
         el = etree.SubElement(root, "disk", name=d.name)
-        if d.get("fleece"):
-            etree.SubElement(el, "fleece", file=d.get("fleece"))
+        fleece = d.get("fleece")
+        if fleece:
+            etree.SubElement(el, "fleece", file=fleece)
     if size_limit is not None:
         etree.SubElement(root, "sizeLimit").text = str(size_limit)
     return _tostring(root)
@@ -143,9 +144,10 @@ def export_xml(disks: Sequence[DiskSpec], socket: Optional[str] = None,
     for d in disks:
         attrs = {"name": d.name}
         for key in EXPORT_START_DISK_KEYS:
-            if d.get(key):
-                attrs[key] = d.get(key)
-        etree.SubElement(root, "disk", **attrs)
+            value = d.get(key)
+            if value:
+                attrs[key] = value
+        etree.SubElement(root, "disk", attrs)
     return _tostring(root)
 
 
@@ -182,14 +184,17 @@ def parse_export_list(documents: Sequence[str]) -> list[ExportRow]:
     for doc in documents:
         root = etree.fromstring(doc.encode("utf-8"))
         addr = root.find("address")
-        socket = host = port = None
+        socket: Optional[str] = None
+        host: Optional[str] = None
+        port: Optional[int] = None
         if addr is not None and addr.get("type") == "unix":
             socket = addr.get("socket")
             address = f"unix:{socket}"
         elif addr is not None:
             host = addr.get("host")
-            port = int(addr.get("port")) if addr.get("port") else None
-            address = f"{host}:{port}" if port is not None else host
+            port_text = addr.get("port")
+            port = int(port_text) if port_text else None
+            address = f"{host}:{port}" if port is not None else str(host)
         else:
             address = "-"
         for d in root.findall("disk"):
@@ -216,8 +221,9 @@ def parse_snapshot_desc(xml: str) -> SnapshotRow:
     for d in root.findall("disk"):
         disks.append(d.get("name"))
         fl = d.find("fleece")
-        if fl is not None and fl.get("allocation"):
-            allocation += int(fl.get("allocation"))
+        fleece_allocation = fl.get("allocation") if fl is not None else None
+        if fleece_allocation:
+            allocation += int(fleece_allocation)
     return SnapshotRow(root.findtext("name") or "", int(created) if created else None,
                        disks, allocation)
 
@@ -241,8 +247,9 @@ def parse_checkpoint_desc(xml: str) -> CheckpointRow:
         disks.append(d.get("name"))
         if d.get("valid") == "no":
             reasons.append((d.get("name"), d.get("reason") or "unknown reason"))
-        if d.get("changed") is not None:
-            changed[d.get("name")] = int(d.get("changed"))
+        changed_bytes = d.get("changed")
+        if changed_bytes is not None:
+            changed[d.get("name")] = int(changed_bytes)
     return CheckpointRow(root.findtext("name") or "", int(created) if created else None,
                          root.findtext("valid") == "yes", disks, reasons, changed)
 

@@ -114,8 +114,9 @@ def export_socket(dom: libvirt.virDomain) -> str:
     """The unix socket of the domain's NBD server, from blockExportList."""
     for doc in fleece.blockExportList(dom):
         addr = etree.fromstring(doc.encode("utf-8")).find("address")
-        if addr is not None and addr.get("type") == "unix" and addr.get("socket"):
-            return addr.get("socket")
+        sock = addr.get("socket") if addr is not None and addr.get("type") == "unix" else None
+        if sock:
+            return sock
     raise DemoFailed("blockExportList shows no unix socket")
 
 

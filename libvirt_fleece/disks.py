@@ -55,7 +55,8 @@ def parse_domain_disks(xml: str) -> list[DomainDisk]:
     result = []
     for el in root.findall("./devices/disk"):
         target = el.find("target")
-        if target is None or not target.get("dev"):
+        dev = target.get("dev") if target is not None else None
+        if not dev:
             continue
         source = el.find("source")
         src = None
@@ -65,7 +66,7 @@ def parse_domain_disks(xml: str) -> list[DomainDisk]:
         driver = el.find("driver")
         alias = el.find("alias")
         result.append(DomainDisk(
-            target=target.get("dev"),
+            target=dev,
             alias=alias.get("name") if alias is not None else None,
             type=el.get("type", "file"),
             device=el.get("device", "disk"),

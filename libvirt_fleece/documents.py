@@ -86,7 +86,7 @@ def parse_snapshot(xml: str) -> SnapshotSpec:
     disks = []
     for el in root.findall("disk"):
         fleece = el.find("fleece")
-        disks.append(SnapshotDiskSpec(el.get("name"),
+        disks.append(SnapshotDiskSpec(xmlutil.required(el, "name"),
                                       fleece.get("file") if fleece is not None else None))
     _no_duplicates([d.name for d in disks], "disk", doc)
     _no_duplicates([d.fleece for d in disks if d.fleece], "fleece file", doc)
@@ -99,7 +99,7 @@ def parse_address(el: Optional[etree._Element]) -> Optional[Address]:
     if el is None:
         return None
     port = el.get("port")
-    return Address(type=el.get("type"), socket=el.get("socket"), host=el.get("host"),
+    return Address(type=xmlutil.required(el, "type"), socket=el.get("socket"), host=el.get("host"),
                    port=int(port) if port is not None else None, tls=el.get("tls") == "yes")
 
 
@@ -113,8 +113,8 @@ def parse_export(xml: str) -> ExportSpec:
         for attr in ("snapshot", "checkpoint", "exportname"):
             check_name(el.get(attr), attr)
     xmlutil.validate(root, "domainblockexport", doc)
-    disks = [ExportDiskSpec(el.get("name"), el.get("snapshot"), el.get("exportname"),
-                            el.get("checkpoint"))
+    disks = [ExportDiskSpec(xmlutil.required(el, "name"), xmlutil.required(el, "snapshot"),
+                            el.get("exportname"), el.get("checkpoint"))
              for el in root.findall("disk")]
     _no_duplicates([d.exportname or f"{d.name}-{d.snapshot}" for d in disks],
                    "export name", doc)

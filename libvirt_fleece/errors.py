@@ -65,6 +65,10 @@ class QMPError(Error):
     """QEMU answered a QMP command with an error."""
 
     msg = "qemu refused {command}: {desc} ({error_class})"
+    command: str
+    error_class: str
+    desc: str
+    arguments: Any
 
     def __init__(self, command: str, error_class: str, desc: str,
                  arguments: Any = None) -> None:
@@ -76,6 +80,7 @@ class LibvirtError(Error):
     """A libvirt call failed for a reason the plugin does not translate."""
 
     msg = "{reason} (libvirt error {code})"
+    code: int
 
     def __init__(self, reason: str, code: int = 0) -> None:
         super().__init__(reason, code=code)

@@ -87,6 +87,20 @@ def _check_unix_path(sess: Session, path: str) -> None:
     raise errors.AlreadyExists(f"socket path {path!r} already exists (address in use)")
 
 
+def _path(addr: Address) -> str:
+    """The socket path of a unix address (resolved addresses and the server's have one)."""
+    if addr.socket is None:
+        raise errors.InternalError(f"{addr.describe()} has no path")
+    return addr.socket
+
+
+def _host(addr: Address) -> str:
+    """The host of an ip address (the schema requires it), without IPv6 brackets."""
+    if addr.host is None:
+        raise errors.InternalError(f"{addr.describe()} has no host")
+    return addr.host.strip("[]")
+
+
 def _socket_alive(path: str) -> bool:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         try:
@@ -99,30 +113,31 @@ def _socket_alive(path: str) -> bool:
 def _bind(sess: Session, addr: Address) -> socket.socket:
     """Bind and listen on ``addr``. Raises AlreadyExists or InvalidArgument."""
     if addr.type == "unix":
-        _check_unix_path(sess, addr.socket)
+        path = _path(addr)
+        _check_unix_path(sess, path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)
         try:
-            sock.bind(addr.socket)
+            sock.bind(path)
         except OSError as e:
             sock.close()
-            raise errors.InvalidArgument(f"cannot bind {addr.socket}: {e.strerror}") from e
+            raise errors.InvalidArgument(f"cannot bind {path}: {e.strerror}") from e
         finally:
             os.umask(old)
-        fleecefile.mark_socket(addr.socket, sess.uuid)     # the proof stop_server needs
+        fleecefile.mark_socket(path, sess.uuid)     # the proof stop_server needs
         if sess.cfg.socket_group:
-            os.chown(addr.socket, -1, grp.getgrnam(sess.cfg.socket_group).gr_gid)
-            os.chmod(addr.socket, 0o660)
+            os.chown(path, -1, grp.getgrnam(sess.cfg.socket_group).gr_gid)
+            os.chmod(path, 0o660)
     else:
         try:
-            family = socket.AF_INET6 if ipaddress.ip_address(addr.host.strip("[]")).version == 6 \
+            family = socket.AF_INET6 if ipaddress.ip_address(_host(addr)).version == 6 \
                 else socket.AF_INET
         except ValueError as e:
             raise errors.InvalidArgument(f"host {addr.host!r} is not an IP address") from e
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            sock.bind((addr.host.strip("[]"), addr.port))
+            sock.bind((_host(addr), addr.port))
         except OSError as e:
             sock.close()
             raise errors.AlreadyExists(
@@ -140,7 +155,7 @@ def exposure_warning(addr: Address, port: int) -> Optional[str]:
     file permissions)."""
     if addr.type != "ip" or addr.tls:
         return None
-    if ipaddress.ip_address(addr.host.strip("[]")).is_loopback:
+    if ipaddress.ip_address(_host(addr)).is_loopback:
         return (f"listens on {addr.host}:{port} WITHOUT encryption or authentication: every "
                 f"local user can read the disks; use a unix socket (file permissions) or "
                 f"tls='yes'")
@@ -148,8 +163,8 @@ def exposure_warning(addr: Address, port: int) -> Optional[str]:
             f"who can reach it can read the disks; use tls='yes' or a unix socket")
 
 
-def start_server(sess: Session, addr: Address) -> None:
-    """Record, bind and start the NBD server. Undoes itself on failure."""
+def start_server(sess: Session, addr: Address) -> ServerRecord:
+    """Record, bind and start the NBD server; its record. Undoes itself on failure."""
     dom = sess.dom
     server = ServerRecord(state=metadata.CREATING, type=addr.type, fdname=FDNAME,
                           socket=addr.socket, host=addr.host, port=addr.port)
@@ -157,7 +172,7 @@ def start_server(sess: Session, addr: Address) -> None:
         if addr.tls:
             raise errors.InvalidArgument("TLS is for TCP exports; a unix socket is "
                                          "protected by its file permissions")
-        _check_unix_path(sess, addr.socket)
+        _check_unix_path(sess, _path(addr))
     sess.state.server = server
     sess.save()
     killpoint("export-start:recorded")
@@ -183,6 +198,7 @@ def start_server(sess: Session, addr: Address) -> None:
         sess.save()
         raise
     log.info("domain %s: NBD server listening on %s", dom.name(), addr.describe())
+    return server
 
 
 def stop_server(sess: Session) -> None:
@@ -238,11 +254,11 @@ def _plan_exports(sess: Session, spec: documents.ExportSpec
             raise errors.OperationInvalid(
                 f"snapshot {snap.name!r} is broken and cannot be read: {snap.reason}")
         _check_read_path(sess, snap)
-        index, disk = next(((i, d) for i, d in enumerate(snap.disks) if d.name == ds.name),
-                           (None, None))
-        if disk is None:
+        found = next(((i, d) for i, d in enumerate(snap.disks) if d.name == ds.name), None)
+        if found is None:
             raise errors.NotFound(f"snapshot {ds.snapshot!r} has no disk {ds.name!r} (it has "
                                   f"{', '.join(d.name for d in snap.disks)})")
+        index, disk = found
         name = ds.exportname or f"{ds.name}-{ds.snapshot}"
         if name in taken_names:
             raise errors.AlreadyExists(f"export name {name!r} is already in use")
@@ -292,11 +308,11 @@ def start(dom: libvirt.virDomain, xmlDesc: str, flags: int = 0) -> None:
                     f"{_server_address(server).describe()} (qemu has only one); omit "
                     f"<address> to join it, or stop its exports first")
         else:
-            start_server(sess, _resolve_address(sess, spec.address))
+            server = start_server(sess, _resolve_address(sess, spec.address))
         added = []
         try:
             for rec, _node, _actions in planned:
-                sess.state.server.exports.append(rec)
+                server.exports.append(rec)
             sess.save()
             for rec, node, actions in planned:
                 bitmaps.run(dom, actions)
@@ -311,7 +327,7 @@ def start(dom: libvirt.virDomain, xmlDesc: str, flags: int = 0) -> None:
         except BaseException:
             for rec, _node, _actions in planned:
                 remove_export(sess, rec, force=True)
-            if not sess.state.server.exports:
+            if not server.exports:
                 stop_server(sess)
             sess.save()
             raise
@@ -321,7 +337,7 @@ def start(dom: libvirt.virDomain, xmlDesc: str, flags: int = 0) -> None:
 def remove_export(sess: Session, rec: ExportRecord, force: bool) -> None:
     """Delete one export in qemu and from the state; tolerate a missing one."""
     blockgraph.export_del(sess.dom, rec.id, force=force)
-    if rec.bitmap:
+    if rec.bitmap and rec.node is not None:        # set together
         present = {b.name for b in bitmaps.by_node(sess.dom).get(rec.node, [])}
         if rec.bitmap in present:
             bitmaps.run(sess.dom, [bitmaps.remove(rec.node, rec.bitmap)])
@@ -352,7 +368,7 @@ def stop(dom: libvirt.virDomain, xmlDesc: str, flags: int = 0) -> None:
     spec = documents.parse_export(xmlDesc)
     with open_session(dom) as sess:
         existing = sess.state.exports()
-        chosen = []
+        chosen: list[ExportRecord] = []
         for ds in spec.disks:
             # without exportname=, every export of that disk of that snapshot
             recs = [e for e in existing if e.disk == ds.name and e.snapshot == ds.snapshot

@@ -448,6 +448,8 @@ def filter_state(text: str, stdout: TextIO) -> None:
         return
     for el in states:
         parent = el.getparent()
+        if parent is None:      # never: they are children of <metadata>
+            continue
         if el.tail and el.tail.strip() == "":
             prev = el.getprevious()
             # keep the indentation tidy: the element's tail belongs to the next sibling

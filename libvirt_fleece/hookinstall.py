@@ -248,7 +248,7 @@ def status(hooks_dir: str = HOOKS_DIR, pidfile: str = PIDFILE,
         except (OSError, errors.Error):
             up_to_date = False
     return Status(installed=text is not None, path=path, interpreter=interpreter,
-                  interpreter_ok=bool(interpreter) and os.access(interpreter, os.X_OK),
+                  interpreter_ok=bool(interpreter and os.access(interpreter, os.X_OK)),
                   up_to_date=up_to_date, libvirtd_pid=libvirtd_pid(pidfile),
                   other_hooks=other_hooks(hooks_dir),
                   seen_by_libvirtd=seen_by_libvirtd(hooks_dir, pidfile))

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional, TypeVar
 
 import libvirt
 from lxml import etree
@@ -138,7 +138,14 @@ def _attr_name(field: str) -> str:
     return _DISK_ATTRS.get(field, field)
 
 
-def _record_to_element(tag: str, record: object, skip: tuple = ()) -> etree._Element:
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+_Record = TypeVar("_Record", bound="DataclassInstance")
+
+
+def _record_to_element(tag: str, record: DataclassInstance,
+                       skip: tuple[str, ...] = ()) -> etree._Element:
     el = etree.Element(tag)
     for field in dataclasses.fields(record):
         value = getattr(record, field.name)
@@ -148,7 +155,7 @@ def _record_to_element(tag: str, record: object, skip: tuple = ()) -> etree._Ele
     return el
 
 
-def _record_from_element(cls, el: etree._Element, **extra):
+def _record_from_element(cls: type[_Record], el: etree._Element, **extra: Any) -> _Record:
     kwargs = dict(extra)
     for field in dataclasses.fields(cls):
         if field.name in kwargs:

@@ -19,6 +19,8 @@ from __future__ import annotations
 import logging
 import os
 
+import libvirt
+
 from . import blockgraph, errors, fleecefile, metadata, qmp, readpath
 from .session import Session
 
@@ -45,7 +47,7 @@ def _drop_stale_records(sess: Session, nodes: set[str], export_ids: set[str]) ->
     return done
 
 
-def _delete_what_can_go(dom, remaining: set[str], done: list[str]) -> None:
+def _delete_what_can_go(dom: libvirt.virDomain, remaining: set[str], done: list[str]) -> None:
     """blockdev-del every node not (or no longer) in use, until nothing moves."""
     progress = True
     while progress and remaining:
@@ -137,7 +139,7 @@ def _stop_orphan_server(sess: Session, removed_exports: bool) -> list[str]:
 def _remove_orphan_files(sess: Session) -> list[str]:
     wanted = {d.file for s in sess.state.snapshots for d in s.disks}
     prefix = f"{sess.uuid}/".encode()
-    done = []
+    done: list[str] = []
     try:
         names = os.listdir(sess.cfg.fleece_dir)
     except OSError:

@@ -17,6 +17,7 @@ import select
 import subprocess
 import sys
 import time
+from typing import IO, Iterator, Optional
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +52,13 @@ class PauseGuard:
              "sys.exit(pauseguard.main(sys.argv[1:]))", uri, domain_uuid, str(timeout), marker],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True, close_fds=True, env=env)
+        assert self._proc.stdin is not None     # stdin=PIPE
+        self._stdin: IO[bytes] = self._proc.stdin
 
     def _say(self, word: str) -> None:
         try:
-            self._proc.stdin.write(word.encode() + b"\n")
-            self._proc.stdin.flush()
+            self._stdin.write(word.encode() + b"\n")
+            self._stdin.flush()
         except OSError:
             log.warning("pause guard is gone; resuming is up to this process")
 
@@ -68,18 +71,18 @@ class PauseGuard:
     def close(self) -> None:
         """Let the guard go: it exits on EOF (not waited for; subprocess reaps it)."""
         try:
-            self._proc.stdin.close()
+            self._stdin.close()
         except OSError:
             pass
 
     def __enter__(self) -> "PauseGuard":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
-def _read_words(fd: int, timeout: float):
+def _read_words(fd: int, timeout: float) -> Iterator[Optional[str]]:
     """Yield words from the pipe; yield None on timeout, stop on EOF."""
     buf = b""
     while True:

@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import TYPE_CHECKING, Optional
 
 from . import (bitmaps, checkpoints, errors, exports, health, metadata, orphans, pauseguard,
                snapshots, unplug, virt)
 from .session import Session
+
+if TYPE_CHECKING:
+    import libvirt
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +85,9 @@ def _resume_if_left_paused(sess: Session) -> None:
 
 def _remove_orphan_bitmaps(sess: Session) -> None:
     """Temporary bitmaps of ours that no snapshot or export references (a crash)."""
-    wanted = {(d.base, name) for s in sess.state.snapshots for d in s.disks
-              for name in checkpoints.frozen_copies(d).values()}
+    wanted: set[tuple[Optional[str], str]] = {
+        (d.base, name) for s in sess.state.snapshots for d in s.disks
+        for name in checkpoints.frozen_copies(d).values()}
     wanted |= {(e.node, e.bitmap) for e in sess.state.exports() if e.bitmap}
     actions = [bitmaps.remove(b.node, b.name)
                for bs in bitmaps.by_node(sess.dom).values() for b in bs
@@ -95,7 +100,7 @@ def _remove_orphan_bitmaps(sess: Session) -> None:
         bitmaps.run(sess.dom, actions)
 
 
-def repair(dom) -> list[str]:
+def repair(dom: libvirt.virDomain) -> list[str]:
     """Make the domain's plugin state agree with qemu and the images; report what changed.
 
     Finishes or undoes interrupted calls, drops records that match nothing,

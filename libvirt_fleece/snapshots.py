@@ -168,7 +168,7 @@ def _plan(sess: Session, spec: documents.SnapshotSpec,
     for index, (ld, path) in enumerate(wanted):
         if ld.qdev is None:
             raise errors.OperationInvalid(f"qemu shows no device for disk {ld.name!r}")
-        if ld.base is None:
+        if ld.base is None or ld.top is None:     # (a disk with a device has a top)
             raise errors.OperationInvalid(
                 f"disk {ld.name!r} of domain {dom.name()!r} is in use by a block job or "
                 f"another tool (its top node is {ld.top!r}); try again when that has finished")

@@ -31,8 +31,9 @@ _LIBVIRT_NODE = re.compile(r"libvirt-(\d+)-(format|storage)")
 
 def _live_targets_and_indexes(sess: Session) -> tuple[set[str], set[str]]:
     root = etree.fromstring(virt.domain_xml(sess.dom).encode())
-    targets = {t.get("dev") for t in root.findall("./devices/disk/target")}
-    indexes = {s.get("index") for s in root.iter("source") if s.get("index")}
+    targets = {dev for t in root.findall("./devices/disk/target")
+               if (dev := t.get("dev")) is not None}
+    indexes = {index for s in root.iter("source") if (index := s.get("index"))}
     return targets, indexes
 
 

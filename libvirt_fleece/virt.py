@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Callable
 from urllib.parse import urlparse
 
 import libvirt
@@ -164,7 +165,7 @@ def open_connection(uri: str | None = None) -> libvirt.virConnect:
     return conn
 
 
-def wait_until(predicate, timeout: float, interval: float = 0.02) -> bool:
+def wait_until(predicate: Callable[[], object], timeout: float, interval: float = 0.02) -> bool:
     """Poll ``predicate`` until it is true or ``timeout`` seconds passed."""
     deadline = time.monotonic() + timeout
     while True:

@@ -21,8 +21,12 @@ import os
 import subprocess
 import sys
 import time
+from typing import TYPE_CHECKING, Any, Optional
 
 from .session import Session
+
+if TYPE_CHECKING:
+    import libvirt
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +37,7 @@ def _lock_path(state_dir: str, domain_uuid: str) -> str:
     return os.path.join(state_dir, f"{domain_uuid}.watcher")
 
 
-def _try_lock(path: str):
+def _try_lock(path: str) -> Optional[int]:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -61,7 +65,7 @@ def ensure_running(sess: Session) -> None:
                      stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True, env=env)
 
 
-def _still_needed(dom) -> bool:
+def _still_needed(dom: libvirt.virDomain) -> bool:
     import libvirt
     from . import metadata
     try:
@@ -92,7 +96,8 @@ def main(uri: str, domain_uuid: str) -> int:
     dom = conn.lookupByUUIDString(domain_uuid)
     pending: list[dict] = []
 
-    def on_event(_conn, _dom, event, _secs, _usecs, details, _opaque):
+    def on_event(_conn: libvirt.virConnect, _dom: libvirt.virDomain, event: str, _secs: int,
+                 _usecs: int, details: Any, _opaque: object) -> None:
         try:
             data = json.loads(details) if isinstance(details, str) else (details or {})
         except ValueError:

@@ -76,7 +76,9 @@ def parse(text: object, what: str, max_size: int = MAX_DOCUMENT,
     if root is None:
         raise errors.InvalidArgument(f"{what}: empty document")
     info = root.getroottree().docinfo
-    if info.doctype or info.internalDTD is not None or info.externalDTD is not None:
+    # lxml-stubs 0.5.1 does not declare DocInfo.doctype (lxml has it since 2.0)
+    if (info.doctype  # type: ignore[union-attr]
+            or info.internalDTD is not None or info.externalDTD is not None):
         raise errors.InvalidArgument(f"{what}: DOCTYPE and entity declarations are not allowed")
     if (info.encoding or "UTF-8").upper().replace("_", "-") not in ("UTF-8", "UTF8"):
         raise errors.InvalidArgument(f"{what}: only UTF-8 documents are accepted, "
@@ -92,6 +94,15 @@ def validate(root: etree._Element, schema: str, what: str) -> None:
         detail = f"at {err.path}: {err.message}" if err else "does not match"
         raise errors.InvalidArgument(
             f"{what}: does not match the schema {schema}.rng ({detail})")
+
+
+def required(el: etree._Element, attribute: str) -> str:
+    """An attribute the schema requires, of a validated document. Raises InternalError."""
+    value = el.get(attribute)
+    if value is None:
+        raise errors.InternalError(f"<{el.tag}> has no {attribute!r} attribute, which the "
+                                   f"schema requires")
+    return value
 
 
 def tostring(root: etree._Element) -> str:

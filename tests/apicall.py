@@ -2,7 +2,8 @@
 """Run one API call in a separate process (for kill-point and concurrency tests).
 
 usage: python apicall.py DOMAIN OP [ARG]
-  OP: create XML | create-cp XML | delete NAME | checkpoint-delete NAME | export-start XML | export-stop XML | loop SECONDS PREFIX
+  OP: create XML | create-cp XML | delete NAME | checkpoint-delete NAME |
+      export-start XML | export-stop XML | loop SECONDS PREFIX
 """
 
 import os
@@ -60,7 +61,8 @@ def main(argv):
                         # a newer snapshot of another process sits on top of ours
                         if "first" not in str(e):
                             raise
-                        failed["delete-order (retried)"] = failed.get("delete-order (retried)", 0) + 1
+                        key = "delete-order (retried)"
+                        failed[key] = failed.get(key, 0) + 1
                         time.sleep(0.05)
                 if with_cp:
                     if prev:

@@ -2,9 +2,16 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
 # Make this Debian 12 host ready for libvirt-fleece: Debian packages, KVM access,
 # running virtlogd/libvirtd, and a venv (.venv) with the package installed.
+# With --lint also the checkers tests/run.sh runs first (pinned below, from PyPI).
 # Idempotent; run as root. Used by tests/demo.sh, tests/run.sh and .ci/run.
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
+lint=0
+[ "${1:-}" != --lint ] || lint=1
+
+# The checkers of tests/run.sh (configured in setup.cfg). A new version may find new
+# things: change these pins on purpose, with the fixes.
+lint_tools=(flake8==7.5.0 mypy==2.4.1 lxml-stubs==0.5.1 types-PyYAML==6.0.12.20261122)
 
 packages=(libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients
           qemu-system-x86 qemu-utils libnbd-bin python3-libnbd nbdkit
@@ -47,3 +54,6 @@ if [ ! -x "$top/.venv/bin/python" ]; then
 fi
 "$top/.venv/bin/python" -m pip install -q --no-build-isolation --no-deps -e "$top" \
     >/dev/null
+if [ "$lint" = 1 ]; then
+    "$top/.venv/bin/python" -m pip install -q "${lint_tools[@]}" >/dev/null
+fi

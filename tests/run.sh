@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: LGPL-2.1-or-later
 # Run the whole test suite against the real libvirtd (as root): sets up the
-# host, then runs the parallel-safe tests and, alone afterwards, the serial
+# host, checks the code (flake8 over libvirt_fleece/, tests/ and bench/, mypy over
+# libvirt_fleece/; setup.cfg configures both; any finding fails the run before a test
+# starts), then runs the parallel-safe tests and, alone afterwards, the serial
 # tier (tests that install hooks or restart libvirtd), then the Debian 13 tier
 # (tests/trixie/run.sh: demo, snapshot/export, checkpoint and exactness tests in a
 # debootstrap root of trixie with its own libvirtd). Extra arguments go to pytest.
@@ -9,9 +11,12 @@
 # reads it) it always runs.
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
-"$top/tests/host-setup.sh"
-"$top/tests/guest/build-guest.sh" >/dev/null
+"$top/tests/host-setup.sh" --lint
 cd "$top"
+echo "run.sh: flake8 and mypy" >&2
+.venv/bin/python -m flake8 libvirt_fleece tests bench
+.venv/bin/python -m mypy libvirt_fleece
+"$top/tests/guest/build-guest.sh" >/dev/null
 export LIBVIRT_FLEECE_REQUIRE_LIBVIRT=1
 rc=0
 .venv/bin/python -m pytest -m "not serial" "$@" || rc=$?

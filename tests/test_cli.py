@@ -34,7 +34,7 @@ def test_disk_spec_name_only():
 
 def test_disk_spec_key_values():
     spec = cliformat.parse_disk_spec("vdb,snapshot=s1,exportname=web-vdb",
-                               cliformat.EXPORT_START_DISK_KEYS, required=("snapshot",))
+                                     cliformat.EXPORT_START_DISK_KEYS, required=("snapshot",))
     assert spec.name == "vdb"
     assert spec.options == {"snapshot": "s1", "exportname": "web-vdb"}
 
@@ -203,7 +203,7 @@ def test_parse_export_list_of_library_documents():
          {"name": "vdb", "snapshot": "s1", "exportname": "second"}])
     rows = cliformat.parse_export_list([doc])
     assert rows[0] == cliformat.ExportRow("vda-s1", "vda", "s1", "unix:/run/s.sock",
-                                    "nbd+unix:///vda-s1?socket=/run/s.sock")
+                                          "nbd+unix:///vda-s1?socket=/run/s.sock")
     assert rows[1].exportname == "second" and rows[1].disk == "vdb"
     doc = documents.export_list_document(
         documents.Address(type="ip", host="127.0.0.1", port=4444),

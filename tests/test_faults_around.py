@@ -239,7 +239,7 @@ def test_qemu_killed_during_an_export_read(lv):
     lf.blockSnapshotCreateXML(t.dom, snapshot_xml("again"))
     lf.blockExportStart(t.dom, export_xml("again"))
     assert read_export(socket_of(t.dom), "vda-again") == expected_image(64 * MiB,
-                                                                       [(0x3B, 0, MiB)])
+                                                                        [(0x3B, 0, MiB)])
     lf.blockSnapshotLookupByName(t.dom, "again").delete(STOP)
     assert plugin_leftovers(t.dom) == {} and fleece_files(t) == []
     FIGURES["qemu_killed_during_read"] = {

@@ -256,7 +256,7 @@ GARBAGE = [
 @pytest.mark.parametrize("operation", hook.OPERATIONS)
 @pytest.mark.parametrize("text", GARBAGE, ids=range(len(GARBAGE)))
 def test_garbage_on_stdin_exits_0_prints_nothing_and_logs(dirs, operation, text, caplog,
-                                                           monkeypatch):
+                                                          monkeypatch):
     spawned = []
     monkeypatch.setattr(hook.subprocess, "Popen", lambda *a, **k: spawned.append(a))
     rc, out = call(operation, text)
@@ -442,7 +442,7 @@ def run_shim(shim, args, text, env):
 
 
 def test_each_invocation_of_the_installed_shim_takes_well_under_half_a_second(dirs, shim,
-                                                                               tmp_path):
+                                                                              tmp_path):
     env = {"LIBVIRT_FLEECE_CONFIG": dirs["config"], "LC_ALL": "C"}
     xml = domain_xml(state_doc({"vda": make_image(os.path.join(dirs["fleece"], "a.qcow2"))}))
     times = {}

@@ -446,7 +446,8 @@ def export_cases(e: Env) -> list[Case]:
         Case("socket-other-domains-live-socket", sock(e.other_socket), "already exists"),
         Case("socket-other-domains-fleece-image", sock(e.other_file), "already exists"),
         Case("socket-missing-dir", sock(f"{d}/nodir/x.sock"), "cannot bind"),
-        Case("socket-under-a-file", sock(f"{d}/precious.img/x.sock"), "cannot bind|exists|not usable",
+        Case("socket-under-a-file", sock(f"{d}/precious.img/x.sock"),
+             "cannot bind|exists|not usable",
              {"api-export-start": BUG_SOCKET_OSERROR}),
         Case("socket-in-proc", sock("/proc/hostile.sock"), "cannot bind"),
         Case("socket-over-107-bytes", sock(f"{d}/{'s' * 120}.sock"), "107 bytes"),
@@ -633,7 +634,7 @@ def test_api_export_stop_refuses(env, case_id):
 
 def _name_params(cases):
     return [pytest.param(n, v, id=n, marks=[pytest.mark.xfail(strict=True,
-                                                               reason=BUG_LONG_MESSAGE)]
+                                                              reason=BUG_LONG_MESSAGE)]
                          if n == "overlong" and BUG_LONG_MESSAGE else []) for n, v in cases]
 
 
@@ -835,6 +836,9 @@ def hook_cases(e: Env) -> list[Case]:
     generic = [Case("generic-" + c.id, c.payload, bugs=c.bugs) for c in
                generic_docs("domain", f"><name>x</name><uuid>{g}</uuid>", e.url)
                if isinstance(c.payload, (str, bytes))]
+    many_records = "".join(f"<f:snapshot name='s{i}' id='{i:08x}' state='ready' created='1'>"
+                           f"<f:disk name='vda' file='{d}/precious.img'/></f:snapshot>"
+                           for i in range(10000))
     return generic + [
         Case("huge-17MiB", domain_doc(g) + " " * (17 << 20)),
         Case("no-uuid", "<domain><name>x</name><metadata>" +
@@ -877,10 +881,7 @@ def hook_cases(e: Env) -> list[Case]:
                                                          f"{'9' * 5000}'><f:disk/></f:snapshot>"
                                                          "</f:state>")),
         Case("ten-thousand-state-records", domain_doc(g, f"<f:state xmlns:f='{metadata.NS_URI}'"
-                                                         " version='1'>" + "".join(
-            f"<f:snapshot name='s{i}' id='{i:08x}' state='ready' created='1'>"
-            f"<f:disk name='vda' file='{d}/precious.img'/></f:snapshot>"
-            for i in range(10000)) + "</f:state>")),
+                                                         f" version='1'>{many_records}</f:state>")),
     ]
 
 

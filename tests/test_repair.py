@@ -97,7 +97,8 @@ def test_metadata_copied_from_another_domain_is_not_trusted(make_vm):
     assert plugin_leftovers(b.dom) == {}
     assert all(os.path.exists(f) for f in files_a), "a's files are a's"
     assert [s.getName() for s in lf.blockSnapshotList(a.dom)] == ["s"]
-    lf.blockSnapshotLookupByName(a.dom, "s").delete(lf.VIR_DOMAIN_BLOCK_SNAPSHOT_DELETE_STOP_EXPORTS)
+    lf.blockSnapshotLookupByName(a.dom, "s").delete(
+        lf.VIR_DOMAIN_BLOCK_SNAPSHOT_DELETE_STOP_EXPORTS)
 
 
 def test_cli_repair_reports_what_it_did(vm):

@@ -178,7 +178,8 @@ def test_exports_are_read_only(vm):
     with pytest.raises(nbd.Error):
         h.pwrite(b"x" * 512, 0)
     h.shutdown()
-    lf.blockSnapshotLookupByName(vm.dom, "ro").delete(lf.VIR_DOMAIN_BLOCK_SNAPSHOT_DELETE_STOP_EXPORTS)
+    lf.blockSnapshotLookupByName(vm.dom, "ro").delete(
+        lf.VIR_DOMAIN_BLOCK_SNAPSHOT_DELETE_STOP_EXPORTS)
 
 
 def test_tcp_export_binds_the_address_asked_for_and_reports_the_port(vm):
