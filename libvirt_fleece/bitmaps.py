@@ -20,7 +20,7 @@ from typing import Optional
 
 import libvirt
 
-from . import qmp
+from . import errors, qmp
 
 CHECKPOINT_PREFIX = "fleece-cp."
 TEMP_PREFIX = "fleece-"
@@ -46,6 +46,15 @@ def parse_checkpoint_bitmap(name: str) -> Optional[tuple[int, int, str]]:
     """(seq, size, checkpoint name) of one of our checkpoint bitmaps, else None."""
     m = _NAME.match(name)
     return (int(m.group(1), 16), int(m.group(2), 16), m.group(3)) if m else None
+
+
+def checkpoint_parts(name: str) -> tuple[int, int, str]:
+    """(seq, size, checkpoint name) of a name already known to be one of our
+    checkpoint bitmaps. Raises InternalError when it is not."""
+    parsed = parse_checkpoint_bitmap(name)
+    if parsed is None:
+        raise errors.InternalError(f"{name!r} is not a checkpoint bitmap of libvirt-fleece")
+    return parsed
 
 
 def by_node(dom: libvirt.virDomain) -> dict[str, list[Bitmap]]:

@@ -29,7 +29,7 @@ recorded answers) except :func:`read`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Callable, Optional
 
 import libvirt
 
@@ -124,7 +124,8 @@ class Spread:
         return [{"node": la.node, "name": self.name} for la in self.layers]
 
 
-def spreads(v: BlockView, chain: list[Layer], wanted) -> dict[str, Spread]:
+def spreads(v: BlockView, chain: list[Layer],
+            wanted: Callable[[str], bool]) -> dict[str, Spread]:
     """Every bitmap name for which ``wanted(name)`` holds, anywhere in ``chain``."""
     found: dict[str, tuple[list[Layer], list[int]]] = {}
     for i, la in enumerate(chain):

@@ -136,7 +136,7 @@ def _from_spread(disk: str, v: chains.BlockView, chain: list[chains.Layer],
     copies = [v.bitmap_names(la.node)[s.name] for la in s.layers]
     if not all(b.get("persistent", False) for b in copies):
         return None
-    seq, size, _name = bitmaps.parse_checkpoint_bitmap(s.name)
+    seq, size, _name = bitmaps.checkpoint_parts(s.name)
     top = copies[0] if s.in_top else None
     return CheckpointDisk(
         disk=disk, bitmap=s.name, seq=seq, size=size, node=chain[0].node if top else None,
@@ -151,7 +151,7 @@ def disk_entries(v: chains.BlockView, disk: str, top: str) -> list[CheckpointDis
     (validity is judged later, with the metadata's memory)."""
     chain = v.chain(top)
     found = chains.spreads(v, chain, _is_checkpoint).values()
-    newest_first = sorted(found, key=lambda s: bitmaps.parse_checkpoint_bitmap(s.name)[0],
+    newest_first = sorted(found, key=lambda s: bitmaps.checkpoint_parts(s.name)[0],
                           reverse=True)
     reasons = chains.broken_reasons(disk, chain, newest_first)
     entries = (_from_spread(disk, v, chain, s, reasons[s.name]) for s in newest_first)
@@ -203,7 +203,7 @@ def _judge(entries: list[CheckpointDisk], capacity: Optional[int]) -> None:
         e.valid = not own and not broken
         e.reason = own or broken
         if own and not broken:
-            name = bitmaps.parse_checkpoint_bitmap(e.bitmap)[2]
+            name = bitmaps.checkpoint_parts(e.bitmap)[2]
             broken = f"newer checkpoint {name!r} of this disk is unusable ({own})"
 
 
@@ -235,11 +235,12 @@ def _parse_mirror(text: str) -> list[CheckpointDisk]:
     result = []
     for d in root.findall("disk"):
         for c in d.findall("checkpoint"):
-            parsed = bitmaps.parse_checkpoint_bitmap(c.get("bitmap"))
+            bitmap = xmlutil.required(c, "bitmap")
+            parsed = bitmaps.parse_checkpoint_bitmap(bitmap)
             if parsed is None or parsed[2] != c.get("name"):
                 raise errors.InvalidArgument(f"checkpoint metadata: bad bitmap {c.get('bitmap')}")
             copies = c.get("copies")
-            result.append(CheckpointDisk(disk=d.get("name"), bitmap=c.get("bitmap"),
+            result.append(CheckpointDisk(disk=xmlutil.required(d, "name"), bitmap=bitmap,
                                          seq=parsed[0], size=parsed[1], node=None,
                                          present=False, deleting=c.get("deleting") == "yes",
                                          copies=int(copies) if copies else None,
@@ -295,7 +296,7 @@ def scan(sess: Session, live: Optional[list[LiveDisk]] = None) -> list[Checkpoin
         _judge(entries, capacity.get(disk))
     cps: dict[str, Checkpoint] = {}
     for e in found.values():
-        name = bitmaps.parse_checkpoint_bitmap(e.bitmap)[2]
+        name = bitmaps.checkpoint_parts(e.bitmap)[2]
         cp = cps.setdefault(name, Checkpoint(name=name, seq=e.seq, disks=[]))
         cp.seq = min(cp.seq, e.seq)
         cp.disks.append(e)
@@ -400,7 +401,7 @@ def plan_snapshot(sess: Session, rec: SnapshotRecord, live: dict[str, LiveDisk],
                 actions.append(bitmaps.add(d.base, copies[e.seq], persistent=False,
                                            disabled=True))
                 actions.append(bitmaps.merge(d.base, copies[e.seq], e.sources()))
-        if make_checkpoint:
+        if rec.checkpoint:
             actions.append(bitmaps.add(d.base, bitmaps.checkpoint_bitmap_name(
                 rec.checkpoint_seq, ld.capacity, rec.checkpoint), persistent=True))
     return actions
@@ -460,9 +461,9 @@ def undo_snapshot_bitmaps(sess: Session, rec: SnapshotRecord, undo_checkpoint: b
         actions += [bitmaps.remove(d.base, name) for name in frozen_copies(d).values()
                     if (d.base, name) in present]
         if undo_checkpoint and rec.checkpoint:
+            made = (rec.checkpoint_seq, rec.checkpoint)
             new = next((n for (node, n) in present if node == d.base and
-                        (bitmaps.parse_checkpoint_bitmap(n) or (0, 0, ""))[2] == rec.checkpoint
-                        and bitmaps.parse_checkpoint_bitmap(n)[0] == rec.checkpoint_seq), None)
+                        (bitmaps.parse_checkpoint_bitmap(n) or (0, 0, ""))[::2] == made), None)
             if new:
                 actions.append(bitmaps.remove(d.base, new))
                 if d.disabled and (d.base, d.disabled) in present:
@@ -572,6 +573,10 @@ def delete_actions(snapshots: list[SnapshotRecord], cps: list[Checkpoint],
     for entry in cp.disks:
         if not entry.present:
             continue
+        node = entry.node
+        if node is None:        # only in read-only layers: _undeletable_reason refuses it
+            raise errors.InternalError(f"checkpoint {cp.name!r} has no copy in the top image "
+                                       f"of disk {entry.disk!r}")
         disk = [e for c in cps for e in c.disks if e.disk == entry.disk and e.present]
         older = [e for e in disk if e.seq < entry.seq]
         pred = max(older, key=lambda e: e.seq) if older else None
@@ -587,10 +592,10 @@ def delete_actions(snapshots: list[SnapshotRecord], cps: list[Checkpoint],
             if entry.seq in serving and pred.seq not in serving:
                 actions.append(bitmaps.merge(d.base, serving[entry.seq], pred.sources()))
         if usable and pred is not None and not pred.recording:
-            actions.append(bitmaps.merge(entry.node, pred.bitmap, entry.sources()))
+            actions.append(bitmaps.merge(node, pred.bitmap, entry.sources()))
             if entry.recording:
-                actions.append(bitmaps.enable(entry.node, pred.bitmap))
-        actions.append(bitmaps.remove(entry.node, entry.bitmap))
+                actions.append(bitmaps.enable(node, pred.bitmap))
+        actions.append(bitmaps.remove(node, entry.bitmap))
     return actions
 
 
@@ -598,22 +603,23 @@ def _changed_bytes(sess: Session, cps: list[Checkpoint], cp: Checkpoint) -> dict
     """Bytes written since the checkpoint, per valid disk (one temporary bitmap each)."""
     result = {}
     for entry in cp.disks:
-        if not entry.valid:
+        if not entry.valid or entry.top is None:
             continue
+        top = entry.top
         chain = union_sources([e for c in cps for e in c.disks if e.disk == entry.disk],
                               entry.seq)
-        if chain == [entry.bitmap]:
-            result[entry.disk] = next(b.count for b in bitmaps.by_node(sess.dom)[entry.node]
+        if chain == [entry.bitmap]:          # one copy, in the top image
+            result[entry.disk] = next(b.count for b in bitmaps.by_node(sess.dom)[top]
                                       if b.name == entry.bitmap)
             continue
         tmp = f"fleece-tmp-{time.time_ns():x}"
-        bitmaps.run(sess.dom, [bitmaps.add(entry.top, tmp, disabled=True),
-                               bitmaps.merge(entry.top, tmp, chain)])
+        bitmaps.run(sess.dom, [bitmaps.add(top, tmp, disabled=True),
+                               bitmaps.merge(top, tmp, chain)])
         try:
-            result[entry.disk] = next(b.count for b in bitmaps.by_node(sess.dom)[entry.top]
+            result[entry.disk] = next(b.count for b in bitmaps.by_node(sess.dom)[top]
                                       if b.name == tmp)
         finally:
-            qmp.execute(sess.dom, "block-dirty-bitmap-remove", {"node": entry.top, "name": tmp})
+            qmp.execute(sess.dom, "block-dirty-bitmap-remove", {"node": top, "name": tmp})
     return result
 
 
