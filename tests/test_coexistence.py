@@ -253,3 +253,72 @@ def test_libvirt_jobs_below_the_top_of_a_chain_leave_the_snapshot_exact(conn, op
         dom.destroy()
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+def _chain_domain(conn, name: str, d: str):
+    """A transient domain whose vda (top.qcow2) has a backing image base.qcow2."""
+    import os
+    from vm import kvm_usable
+    os.makedirs(d)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", f"{d}/base.qcow2", "64M"],
+                   check=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", f"{d}/base.qcow2",
+                    "-F", "qcow2", f"{d}/top.qcow2", "64M"], check=True)
+    return conn.createXML(f"""<domain type='{"kvm" if kvm_usable() else "qemu"}'>
+        <name>{name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>
+        <os><type arch='x86_64' machine='pc'>hvm</type></os><devices>
+        <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
+        <source file='{d}/top.qcow2'/><target dev='vda' bus='virtio'/></disk>
+        </devices></domain>""", 0)
+
+
+def test_a_concluded_undismissed_job_makes_the_plugin_wait_not_crash_qemu(conn, monkeypatch):
+    """QEMU 7.2 aborts when query-named-block-nodes runs while block-stream's job is
+    concluded and not dismissed (its implicit copy-on-read filter lingers without a child;
+    libvirt dismisses within milliseconds, the plugin can land in that window). The plugin
+    waits for the dismissal: with a job left concluded it gives OperationInvalid naming it,
+    qemu stays alive, and once the job is dismissed (here by another thread while a call
+    waits) the plugin works."""
+    import json
+    import secrets
+    import shutil
+    import threading
+    import time
+    import libvirt_qemu
+    from libvirt_fleece import qmp
+    name = f"fleecetest-settle-{secrets.token_hex(4)}"
+    d = f"/var/lib/libvirt/images/{name}"
+    dom = None
+    try:
+        dom = _chain_domain(conn, name, d)
+
+        def q(cmd, args=None):
+            msg = {"execute": cmd, **({"arguments": args} if args else {})}
+            return json.loads(libvirt_qemu.qemuMonitorCommand(dom, json.dumps(msg), 0))
+
+        top = next(b["inserted"]["node-name"] for b in q("query-block")["return"]
+                   if b.get("inserted"))
+        assert "error" not in q("block-stream", {"job-id": "someone-elses", "device": top,
+                                                 "auto-dismiss": False})
+        deadline = time.monotonic() + 30
+        while q("query-jobs")["return"][0]["status"] != "concluded":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        monkeypatch.setattr(qmp, "SETTLE_TIMEOUT", 1.0)
+        with pytest.raises(lf.OperationInvalid, match="someone-elses.*not dismissed"):
+            lf.blockSnapshotList(dom)
+        assert dom.isActive(), "qemu is alive"
+        monkeypatch.setattr(qmp, "SETTLE_TIMEOUT", 20.0)
+        threading.Timer(1.0, lambda: q("job-dismiss", {"id": "someone-elses"})).start()
+        assert lf.blockSnapshotList(dom) == []           # waited for the dismissal
+        lf.blockSnapshotCreateXML(dom, "<domainblocksnapshot><name>p1</name>"
+                                       "</domainblocksnapshot>")
+        lf.blockSnapshotLookupByName(dom, "p1").delete()
+        assert plugin_leftovers(dom) == {} and dom.isActive()
+    finally:
+        if dom is not None:
+            try:
+                dom.destroy()
+            except Exception:  # noqa: BLE001 - gone already
+                pass
+        shutil.rmtree(d, ignore_errors=True)
