@@ -693,7 +693,8 @@ def serial_tier_selected(config) -> bool:
 
 @pytest.mark.serial
 def test_libvirtd_restart_with_every_plugin_state(request, conn, tmp_path):
-    """One domain per plugin state, one libvirtd restart for all of them; then every state
+    """One domain per plugin state (but the running backup, see the next test), one
+    libvirtd restart for all of them; then every state
     is checked as in a cell (the operation "followed": qemu runs on, the plugin reads its
     state back from LIVE metadata and qemu). Runs on its own connections (the old one dies
     with libvirtd) and wakes the session's connection up afterwards, so that later serial
@@ -705,7 +706,7 @@ def test_libvirtd_restart_with_every_plugin_state(request, conn, tmp_path):
     made: list = []
     problems: dict = {}
     try:
-        for state in STATES:
+        for state in [s for s in STATES if s != "backup"]:      # backup: the next test
             t = MatrixVM(c, scsi=True)
             made.append(t)
             t.start()
@@ -750,3 +751,66 @@ def test_libvirtd_restart_with_every_plugin_state(request, conn, tmp_path):
         with open(RECORD, "a") as f:
             f.write(json.dumps({"op": "libvirtd-restart", "problems": problems}) + "\n")
     assert not problems, problems
+
+
+@pytest.mark.serial
+@pytest.mark.xfail(strict=False, reason=(
+    "plugin bug: backup() keeps the libvirt connection it was given; after a libvirtd "
+    "restart its teardown fails ('cannot query the domain state: Cannot write data: Broken "
+    "pipe') although the copy finished, so the backup fails and its cleanup fails too "
+    "('client socket is closed'): snapshot, export and checkpoint stay in qemu and "
+    "vda.0000.qcow2.part and the journal in the directory until the next backup"))
+def test_libvirtd_restart_while_the_plugins_backup_runs(request, conn, tmp_path):
+    """The plugin's backup, held with its snapshot, export and NBD connections up, across a
+    libvirtd restart: it should finish exact, or fail leaving nothing behind. The next backup
+    into the directory recovers either way (checked before the xfail-ing assertion)."""
+    from vm import restart_libvirtd
+    if not serial_tier_selected(request.config):
+        pytest.skip("restarts libvirtd: runs only in the serial tier (pytest -m serial)")
+    c = libvirt.open("qemu:///system")
+    t = MatrixVM(c, scsi=True)
+    cell = None
+    try:
+        t.start()
+        cell = Cell(t, "backup", ("vda",))
+        cell.set_up(tmp_path)
+        restart_libvirtd()
+        try:
+            conn.getLibVersion()            # the session's connection notices it is dead
+        except libvirt.libvirtError:
+            pass
+        c2 = libvirt.open("qemu:///system")
+        t.conn = c2
+        t.dom = c2.lookupByName(t.name)
+        assert t.dom.isActive(), "qemu died across the restart"
+        cell.w("vda", 0x66, 8 * MiB, MiB)
+        first_left: list = []
+        cell.check_state("libvirtd-restart", first_left)
+        first = cell.backup_outcome
+        found: list = []
+        left_in_qemu = plugin_leftovers(t.dom)
+        left_files = sorted(os.listdir(cell.target))
+        # the next backup into the directory recovers and is exact
+        r = bk.backup(t.dom, cell.target, mode="auto")
+        out = os.path.join(t.dir, "next.raw")
+        bk.restore(cell.target, "vda", out, point=r.point.index)
+        with open(out, "rb") as f:
+            assert f.read() == expected_image(t.size["vda"], t.model["vda"]), \
+                "the next backup after the restart is not the disk"
+        cell.clean_up_and_check_plugin_works(found)
+        assert not found, found
+        c2.close()
+        # the promise: the backup went through, or failed leaving nothing behind
+        assert first == "backup exact" and not first_left, \
+            (first, first_left, left_in_qemu, left_files)
+    finally:
+        if cell is not None:
+            cell.go.set()
+        c3 = libvirt.open("qemu:///system")
+        t.conn = c3
+        t.cleanup()
+        c3.close()
+        try:
+            c.close()
+        except libvirt.libvirtError:
+            pass
