@@ -31,7 +31,6 @@ import os
 import re
 import subprocess
 import threading
-import time
 
 import libvirt
 import libvirt_qemu
@@ -40,7 +39,7 @@ import pytest
 import libvirt_fleece as lf
 from libvirt_fleece import backup as bk
 from conftest import plugin_leftovers
-from test_checkpoints import changed, export
+from test_checkpoints import changed
 from vm import MiB, TestVM, clusters, expected_image, kvm_usable, read_export, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.coexistence]
@@ -691,13 +690,20 @@ def serial_tier_selected(config) -> bool:
     return "serial" in expr and "not serial" not in expr
 
 
+def wake(conn) -> None:
+    """Give the session's connection (conftest.LiveConnection) a fresh libvirt connection:
+    after the restart the old one may still say it is alive and then fail ("Cannot write
+    data: Broken pipe"), which would fail the next serial test."""
+    conn._conn = libvirt.open("qemu:///system")
+
+
 @pytest.mark.serial
 def test_libvirtd_restart_with_every_plugin_state(request, conn, tmp_path):
     """One domain per plugin state (but the running backup, see the next test), one
     libvirtd restart for all of them; then every state
     is checked as in a cell (the operation "followed": qemu runs on, the plugin reads its
     state back from LIVE metadata and qemu). Runs on its own connections (the old one dies
-    with libvirtd) and wakes the session's connection up afterwards, so that later serial
+    with libvirtd) and gives the session's connection a fresh one, so that later serial
     tests get a live one."""
     from vm import restart_libvirtd
     if not serial_tier_selected(request.config):
@@ -715,10 +721,7 @@ def test_libvirtd_restart_with_every_plugin_state(request, conn, tmp_path):
             cell.set_up(tmp_path / state)
             made[-1] = (t, cell)
         restart_libvirtd()
-        try:
-            conn.getLibVersion()            # the session's connection notices it is dead
-        except libvirt.libvirtError:
-            pass
+        wake(conn)
         c2 = libvirt.open("qemu:///system")
         for t, cell in made:
             found: list = []
@@ -775,10 +778,7 @@ def test_libvirtd_restart_while_the_plugins_backup_runs(request, conn, tmp_path)
         cell = Cell(t, "backup", ("vda",))
         cell.set_up(tmp_path)
         restart_libvirtd()
-        try:
-            conn.getLibVersion()            # the session's connection notices it is dead
-        except libvirt.libvirtError:
-            pass
+        wake(conn)
         c2 = libvirt.open("qemu:///system")
         t.conn = c2
         t.dom = c2.lookupByName(t.name)
