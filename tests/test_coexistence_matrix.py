@@ -9,10 +9,12 @@ up and its NBD connections are open, before it copies a byte).
 libvirt operations: external disk-only snapshot, active and inactive blockcommit, blockpull,
 blockcopy, blockresize, internal snapshot, libvirt's pull and push backup, libvirt's own
 checkpoint (create, then delete), attach-disk, detach-disk (virtio-scsi hot-unplug), save +
-restore; the libvirtd restart is in the serial tier (last test of this module).
+restore; the libvirtd restart is in the serial tier (the last two tests of this module,
+skipped unless ``-m serial`` selects them).
 
-Every cell starts one small domain whose disk vda is the top of a chain base <- mid <- vda
-(the guest boots no OS; I/O goes through qemu-io on the device, see vm.py), and checks:
+Cells of one state share a small domain (see GROUPS) whose disk vda is the top of a chain
+base <- mid <- vda (the guest boots no OS; I/O goes through qemu-io on the device, see
+vm.py); the plugin's state is made anew for every cell and removed after it. A cell checks:
 what libvirt's operation did against the expected outcome of the cell (works / refused by
 qemu, with the error), that qemu runs, that a refused operation changed nothing (disk source
 in the live XML), every snapshot's export byte-exact against the model, every checkpoint
@@ -690,21 +692,15 @@ def serial_tier_selected(config) -> bool:
     return "serial" in expr and "not serial" not in expr
 
 
-def wake(conn) -> None:
-    """Give the session's connection (conftest.LiveConnection) a fresh libvirt connection:
-    after the restart the old one may still say it is alive and then fail ("Cannot write
-    data: Broken pipe"), which would fail the next serial test."""
-    conn._conn = libvirt.open("qemu:///system")
-
-
 @pytest.mark.serial
-def test_libvirtd_restart_with_every_plugin_state(request, conn, tmp_path):
+def test_libvirtd_restart_with_every_plugin_state(request, tmp_path):
     """One domain per plugin state (but the running backup, see the next test), one
     libvirtd restart for all of them; then every state
     is checked as in a cell (the operation "followed": qemu runs on, the plugin reads its
     state back from LIVE metadata and qemu). Runs on its own connections (the old one dies
-    with libvirtd) and gives the session's connection a fresh one, so that later serial
-    tests get a live one."""
+    with libvirtd) and never uses the session's connection (conftest's ``conn``): created
+    before a restart, it could still say it is alive and then fail ("Cannot write data:
+    Broken pipe") in a later serial test."""
     from vm import restart_libvirtd
     if not serial_tier_selected(request.config):
         pytest.skip("restarts libvirtd: runs only in the serial tier (pytest -m serial)")
@@ -721,7 +717,6 @@ def test_libvirtd_restart_with_every_plugin_state(request, conn, tmp_path):
             cell.set_up(tmp_path / state)
             made[-1] = (t, cell)
         restart_libvirtd()
-        wake(conn)
         c2 = libvirt.open("qemu:///system")
         for t, cell in made:
             found: list = []
@@ -763,7 +758,7 @@ def test_libvirtd_restart_with_every_plugin_state(request, conn, tmp_path):
     "pipe') although the copy finished, so the backup fails and its cleanup fails too "
     "('client socket is closed'): snapshot, export and checkpoint stay in qemu and "
     "vda.0000.qcow2.part and the journal in the directory until the next backup"))
-def test_libvirtd_restart_while_the_plugins_backup_runs(request, conn, tmp_path):
+def test_libvirtd_restart_while_the_plugins_backup_runs(request, tmp_path):
     """The plugin's backup, held with its snapshot, export and NBD connections up, across a
     libvirtd restart: it should finish exact, or fail leaving nothing behind. The next backup
     into the directory recovers either way (checked before the xfail-ing assertion)."""
@@ -778,7 +773,6 @@ def test_libvirtd_restart_while_the_plugins_backup_runs(request, conn, tmp_path)
         cell = Cell(t, "backup", ("vda",))
         cell.set_up(tmp_path)
         restart_libvirtd()
-        wake(conn)
         c2 = libvirt.open("qemu:///system")
         t.conn = c2
         t.dom = c2.lookupByName(t.name)
