@@ -79,7 +79,12 @@ def _resume_if_left_paused(sess: Session) -> None:
     if state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_USER:
         log.warning("domain %s: resuming the guest a dead libvirt-fleece call left paused",
                     sess.dom.name())
-        virt.resume(sess.dom)
+        try:
+            virt.resume(sess.dom)
+        except errors.OperationInvalid:
+            if sess.dom.state()[0] != libvirt.VIR_DOMAIN_RUNNING:
+                raise
+            log.info("domain %s: the pause guard resumed the guest first", sess.dom.name())
     os.unlink(marker)
 
 

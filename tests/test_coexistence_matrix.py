@@ -611,9 +611,6 @@ def cells():
         for group, ops in GROUPS.items():
             for op in ops:
                 marks = []
-                if state == "checkpoint" and op in CHAIN_OPS:
-                    marks.append(pytest.mark.xfail(reason="checkpoint scheme change pending",
-                                                   strict=False))
                 if op == "pull-backup" and state in HAS_EXPORT:
                     marks.append(pytest.mark.skip(reason=LIBVIRTD_CRASH))
                 yield pytest.param(state, group, op, id=f"{state}-{op}", marks=marks)

@@ -204,3 +204,29 @@ def test_second_fleece_image_of_a_size_is_identical_to_what_qemu_img_makes(tmp_p
                    check=True)
     assert (tmp_path / "b.qcow2").read_bytes() == ref.read_bytes()
     assert subprocess.run(["qemu-img", "check", str(tmp_path / "b.qcow2")]).returncode == 0
+
+
+def test_resume_left_paused_tolerates_the_guard_resuming_first(tmp_path, monkeypatch):
+    """The pause guard and the next call race to resume a guest a dead call left paused:
+    libvirt's "domain is not paused" for the loser is success, not an error."""
+    import types
+
+    import libvirt
+
+    from libvirt_fleece import errors, pauseguard, reconcile, virt
+
+    states = [(libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_USER),
+              (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_UNPAUSED)]
+    dom = types.SimpleNamespace(name=lambda: "d", state=lambda: states.pop(0) if len(states) > 1
+                                else states[0])
+    sess = types.SimpleNamespace(dom=dom, uuid="u",
+                                 cfg=types.SimpleNamespace(state_dir=str(tmp_path)))
+    marker = pauseguard.marker_path(str(tmp_path), "u")
+    os.makedirs(os.path.dirname(marker), exist_ok=True)
+    open(marker, "w").close()
+
+    def resume(_dom):
+        raise errors.OperationInvalid("cannot resume domain 'd': domain is already running")
+    monkeypatch.setattr(virt, "resume", resume)
+    reconcile._resume_if_left_paused(sess)
+    assert not os.path.exists(marker)
