@@ -401,6 +401,7 @@ def _run(dom: libvirt.virDomain, bdir: BackupDir, manifest: Manifest, disks: lis
         entries = _copy_all(bdir, manifest, disks, index, base, sock, bitmaps, progress,
                             in_flight)
         t_copy = time.monotonic()
+        dom = _alive(dom, journal)
         _teardown(dom, name)
         log.debug("backup %s: set-up %.2f s, copy %.2f s, teardown %.2f s",
                   name, t_setup - started, t_copy - t_setup, time.monotonic() - t_copy)
@@ -422,7 +423,7 @@ def _run(dom: libvirt.virDomain, bdir: BackupDir, manifest: Manifest, disks: lis
             raise
         log.info("backup of %s failed; cleaning up", dom.name())
         try:
-            _cleanup(dom, bdir, journal, delete_checkpoint=True)
+            _cleanup(_alive(dom, journal), bdir, journal, delete_checkpoint=True)
         except Exception:  # noqa: BLE001 - the guard / next run retries; keep the cause
             log.exception("cleaning up after the failed backup failed; the next backup "
                           "into %s retries", bdir.path)
@@ -525,6 +526,23 @@ def _run_tool(cmd: list[str]) -> str:
     if r.returncode != 0:
         raise CopyError(f"{' '.join(cmd)} failed: {r.stderr.strip()}")
     return r.stdout
+
+
+def _alive(dom: libvirt.virDomain, journal: Journal) -> libvirt.virDomain:
+    """``dom``, or the same domain through a new connection when libvirtd restarted
+    while the copy ran (the copy reads the NBD socket, not libvirt: it goes on, but the
+    old connection is dead). Raises LibvirtError when libvirtd cannot be reached."""
+    try:
+        if dom.connect().isAlive():
+            return dom
+    except libvirt.libvirtError:
+        pass
+    log.warning("the libvirt connection died during the backup (libvirtd restarted?); "
+                "reconnecting to %s", journal.uri)
+    try:
+        return libvirt.open(journal.uri).lookupByUUIDString(journal.domain_uuid)
+    except libvirt.libvirtError as e:
+        raise virt.translate(e, f"cannot reach the domain again at {journal.uri}") from e
 
 
 def _teardown(dom: libvirt.virDomain, name: str) -> None:
