@@ -50,14 +50,13 @@ import re
 import signal
 import socket
 import stat
-import subprocess
 import sys
 import time
 from typing import Iterator, Optional, TextIO
 
 from lxml import etree
 
-from . import config, errors, fleecefile, metadata, xmlutil
+from . import config, detached, errors, fleecefile, metadata, xmlutil
 
 log = logging.getLogger(__name__)
 
@@ -472,9 +471,8 @@ def worker_command(uuid: str) -> list[str]:
 def spawn_reconcile(text: str) -> None:
     """``started``/``reconnect``: hand the reconcile to a fully detached worker."""
     uuid = domain_uuid(parse_domain(text))
-    proc = subprocess.Popen(worker_command(uuid), start_new_session=True,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, close_fds=True, cwd="/")
+    # the installed package, as the shim found it: python -I ignores PYTHONPATH
+    proc = detached.start(worker_command(uuid), cwd="/", package_path=False)
     log.info("reconcile handed to detached worker pid %d", proc.pid)
 
 

@@ -258,7 +258,7 @@ GARBAGE = [
 def test_garbage_on_stdin_exits_0_prints_nothing_and_logs(dirs, operation, text, caplog,
                                                           monkeypatch):
     spawned = []
-    monkeypatch.setattr(hook.subprocess, "Popen", lambda *a, **k: spawned.append(a))
+    monkeypatch.setattr(hook.detached.subprocess, "Popen", lambda *a, **k: spawned.append(a))
     rc, out = call(operation, text)
     assert rc == 0 and out == "" and spawned == []
     if operation in ("migrate", "restore") and "not-a-uuid" in text:
@@ -332,7 +332,7 @@ def test_start_hands_reconcile_to_a_detached_process_and_returns_at_once(dirs, o
         def __init__(self, args, **kwargs):
             calls.append((args, kwargs))
 
-    monkeypatch.setattr(hook.subprocess, "Popen", FakePopen)
+    monkeypatch.setattr(hook.detached.subprocess, "Popen", FakePopen)
     t0 = time.monotonic()
     rc, out = call(operation, domain_xml(state_doc({})))
     assert time.monotonic() - t0 < 0.2
