@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol
 
 import libvirt
 
 from . import backup as bk
 from .backup_progress import Bar, LogLines, _size
 from .backup_writer import clean
+from .cliformat import format_table
 
 
 class _Context(Protocol):
@@ -55,8 +56,8 @@ def cmd_info(ctx: _Context, args: argparse.Namespace) -> int:
         for d in p.disks:
             rows.append((str(p.index), clean(p.time), clean(p.mode), clean(p.checkpoint),
                          clean(d.name), clean(d.file), _size(d.size), _size(d.copied)))
-    print(_table(("Point", "Time (UTC)", "Mode", "Checkpoint", "Disk", "File",
-                  "Size", "Copied"), rows, header=not ctx.quiet))
+    print(format_table(("Point", "Time (UTC)", "Mode", "Checkpoint", "Disk", "File",
+                        "Size", "Copied"), rows, header=not ctx.quiet))
     for warning in bk.point_warnings(m):
         print(warning)
     return 0
@@ -77,16 +78,6 @@ def cmd_verify(ctx: _Context, args: argparse.Namespace) -> int:
         return 0
     print(f"{len(report.problems)} problem(s) in {len(report.checked)} files", file=sys.stderr)
     return 1
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], header: bool = True) -> str:
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
-
-    def line(cells: Sequence[str]) -> str:
-        return (" " + "   ".join(c.ljust(w) for c, w in zip(cells, widths))).rstrip()
-
-    out = [line(headers), "-" * (len(line(headers)) + 2)] if header else []
-    return "\n".join(out + [line(r) for r in rows])
 
 
 def _point(text: str) -> int:
