@@ -11,9 +11,10 @@ from typing import Any, Callable, Protocol
 import libvirt
 
 from . import backup as bk
-from .backup_progress import Bar, LogLines, _size
+from .backup_progress import Bar, LogLines
 from .backup_writer import clean
 from .cliformat import format_table
+from .units import human_size
 
 
 class _Context(Protocol):
@@ -35,7 +36,8 @@ def cmd_backup(ctx: _Context, args: argparse.Namespace) -> int:
                        progress=progress)
     p = result.point
     ctx.say(f"Backup point {p.index} ({p.mode}) of {dom.name()} written to {result.directory}: "
-            f"{_size(result.copied)} copied in {p.duration:.1f} s, checkpoint {p.checkpoint}")
+            f"{human_size(result.copied, fixed=True)} copied in {p.duration:.1f} s, "
+            f"checkpoint {p.checkpoint}")
     return 0
 
 
@@ -55,7 +57,8 @@ def cmd_info(ctx: _Context, args: argparse.Namespace) -> int:
     for p in m.points:
         for d in p.disks:
             rows.append((str(p.index), clean(p.time), clean(p.mode), clean(p.checkpoint),
-                         clean(d.name), clean(d.file), _size(d.size), _size(d.copied)))
+                         clean(d.name), clean(d.file), human_size(d.size, fixed=True),
+                         human_size(d.copied, fixed=True)))
     print(format_table(("Point", "Time (UTC)", "Mode", "Checkpoint", "Disk", "File",
                         "Size", "Copied"), rows, header=not ctx.quiet))
     for warning in bk.point_warnings(m):
