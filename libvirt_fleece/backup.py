@@ -61,6 +61,7 @@ from .backup_guard import Guard
 from .backup_manifest import (BackupBusy, BackupCorrupt, BackupTargetError, DirLock, DiskEntry,
                               Journal, Manifest, Point, Writer)
 from .backup_progress import Counter, ProgressCallback, ProgressEvent
+from .units import human_size
 from .backup_writer import point_warnings, suspect_reason
 from . import backup_manifest as mf
 
@@ -437,8 +438,7 @@ def point_copied(point: Point) -> int:
 
 
 def _human(n: float) -> str:
-    from .backup_progress import _size
-    return _size(n)
+    return human_size(n, fixed=True)    # as the progress lines write sizes
 
 
 def _copy_all(bdir: BackupDir, manifest: Manifest, disks: list[_Disk], index: int,

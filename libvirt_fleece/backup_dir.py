@@ -23,7 +23,7 @@ import os
 import stat
 from typing import Optional
 
-from . import errors
+from . import errors, fsutil
 
 log = logging.getLogger(__name__)
 
@@ -187,20 +187,19 @@ class BackupDir:
 
     def write_atomic(self, name: str, data: bytes, mode: int = 0o600) -> None:
         """Replace ``name`` with ``data``: a new temporary file (O_EXCL), fsync,
-        rename over ``name``, fsync the directory. Raises OSError."""
+        rename over ``name``, fsync the directory. Raises OSError.
+
+        :func:`.fsutil.write_atomic` does the same for a path in a directory
+        only root writes; this one stays apart on purpose: the directory is
+        untrusted, so every name is resolved against :attr:`fd` (a renamed or
+        swapped directory does not redirect it), checked as a plain file name,
+        and the temporary file is made with :meth:`create` (``O_EXCL``,
+        ``O_NOFOLLOW``). Writing the file's content is shared
+        (:func:`.fsutil.write_new_file`)."""
         tmp = f".{name}.{os.urandom(6).hex()}.tmp"
         fd = self.create(tmp, mode)
         try:
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                if os.geteuid() == 0:
-                    os.fchown(fd, 0, 0)
-                os.fchmod(fd, mode)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsutil.write_new_file(fd, data, mode)
             self.rename(tmp, name)
         except BaseException:
             try:

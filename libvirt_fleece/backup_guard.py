@@ -15,23 +15,21 @@ next backup into the directory does the same before anything else.
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 import sys
+
+from . import detached
 
 log = logging.getLogger(__name__)
 
 
 class Guard:
     def __init__(self, directory: str, lock_fd: int, dir_fd: int) -> None:
-        env = dict(os.environ)
-        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [here, env.get("PYTHONPATH")]))
-        self._proc = subprocess.Popen(
+        # the command line a guard of any version is started with: keep it
+        self._proc = detached.start(
             [sys.executable, "-m", "libvirt_fleece.backup_guard", directory, str(lock_fd),
              str(dir_fd)],
-            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True, pass_fds=(lock_fd, dir_fd), env=env)
+            stdin=subprocess.PIPE, pass_fds=(lock_fd, dir_fd))
 
     def done(self) -> None:
         """The backup cleaned up after itself: let the guard go without doing anything."""

@@ -459,12 +459,9 @@ def sha256_file(path: str, chunk: int = 8 << 20) -> str:
 
 # --- the directory as a target --------------------------------------------------------
 
-def foreign_files(directory: "str | BackupDir", manifest: Optional[Manifest],
-                  parts: Optional[list[str]] = None) -> list[str]:
-    """Entries of ``directory`` that no backup run of ours made (``parts``: the
-    ``.part`` files the journal of an interrupted run names)."""
+def foreign_files(directory: "str | BackupDir", manifest: Optional[Manifest]) -> list[str]:
+    """Entries of ``directory`` that no backup run of ours made."""
     known = {d.file for p in manifest.points for d in p.disks} if manifest else set()
-    known |= set(parts or ())
     foreign = []
     with _opened(directory) as bdir:
         entries = sorted(bdir.listdir())

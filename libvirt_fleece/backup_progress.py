@@ -14,6 +14,8 @@ import threading
 import time
 from typing import Callable, Optional, TextIO
 
+from .units import human_size
+
 
 @dataclasses.dataclass(frozen=True)
 class ProgressEvent:
@@ -71,14 +73,6 @@ class Counter:
             self._emit("done")
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            break
-        n /= 1024
-    return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-
-
 def _duration(s: Optional[float]) -> str:
     if s is None:
         return "--:--"
@@ -89,8 +83,9 @@ def _duration(s: Optional[float]) -> str:
 
 def describe(ev: ProgressEvent) -> str:
     pct = 100.0 * ev.done / ev.total if ev.total else 100.0
-    return (f"{pct:5.1f}%  {_size(ev.done)} / {_size(ev.total)}  "
-            f"{_size(ev.rate)}/s  ETA {_duration(ev.eta)}")
+    return (f"{pct:5.1f}%  {human_size(ev.done, fixed=True)} / "
+            f"{human_size(ev.total, fixed=True)}  {human_size(ev.rate, fixed=True)}/s  "
+            f"ETA {_duration(ev.eta)}")
 
 
 class Bar:

@@ -26,9 +26,10 @@ import libvirt_fleece as fleece
 from . import cli_backup, cli_hook, errors, virt
 from .cliformat import (EXPORT_START_DISK_KEYS, EXPORT_STOP_DISK_KEYS, SNAPSHOT_DISK_KEYS,
                         CheckpointRow, ExportRow, checkpoint_table, disk_spec_type, export_table,
-                        export_xml, format_table, format_time, human_size,
+                        export_xml, format_table, format_time,
                         parse_checkpoint_desc, parse_export_list, parse_snapshot_desc,
                         snapshot_xml)
+from .units import human_size
 
 PROG = "virsh-fleece"
 

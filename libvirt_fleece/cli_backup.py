@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol
 
 import libvirt
 
 from . import backup as bk
-from .backup_progress import Bar, LogLines, _size
+from .backup_progress import Bar, LogLines
 from .backup_writer import clean
+from .cliformat import format_table
+from .units import human_size
 
 
 class _Context(Protocol):
@@ -34,7 +36,8 @@ def cmd_backup(ctx: _Context, args: argparse.Namespace) -> int:
                        progress=progress)
     p = result.point
     ctx.say(f"Backup point {p.index} ({p.mode}) of {dom.name()} written to {result.directory}: "
-            f"{_size(result.copied)} copied in {p.duration:.1f} s, checkpoint {p.checkpoint}")
+            f"{human_size(result.copied, fixed=True)} copied in {p.duration:.1f} s, "
+            f"checkpoint {p.checkpoint}")
     return 0
 
 
@@ -54,9 +57,10 @@ def cmd_info(ctx: _Context, args: argparse.Namespace) -> int:
     for p in m.points:
         for d in p.disks:
             rows.append((str(p.index), clean(p.time), clean(p.mode), clean(p.checkpoint),
-                         clean(d.name), clean(d.file), _size(d.size), _size(d.copied)))
-    print(_table(("Point", "Time (UTC)", "Mode", "Checkpoint", "Disk", "File",
-                  "Size", "Copied"), rows, header=not ctx.quiet))
+                         clean(d.name), clean(d.file), human_size(d.size, fixed=True),
+                         human_size(d.copied, fixed=True)))
+    print(format_table(("Point", "Time (UTC)", "Mode", "Checkpoint", "Disk", "File",
+                        "Size", "Copied"), rows, header=not ctx.quiet))
     for warning in bk.point_warnings(m):
         print(warning)
     return 0
@@ -77,16 +81,6 @@ def cmd_verify(ctx: _Context, args: argparse.Namespace) -> int:
         return 0
     print(f"{len(report.problems)} problem(s) in {len(report.checked)} files", file=sys.stderr)
     return 1
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], header: bool = True) -> str:
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
-
-    def line(cells: Sequence[str]) -> str:
-        return (" " + "   ".join(c.ljust(w) for c, w in zip(cells, widths))).rstrip()
-
-    out = [line(headers), "-" * (len(line(headers)) + 2)] if header else []
-    return "\n".join(out + [line(r) for r in rows])
 
 
 def _point(text: str) -> int:

@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
 """The pure parts of ``virsh-fleece``: ``--disk`` parsing, the request XML it
 builds, and the parsing and formatting of what the library returns (tables,
-sizes, times, NBD URIs). No libvirt here; unit-tested on its own.
+times (sizes: :mod:`.units`), NBD URIs). No libvirt here; unit-tested on its own.
 """
 
 from __future__ import annotations
@@ -279,19 +279,6 @@ def export_table(rows: Sequence[ExportRow], header: bool = True) -> str:
         for c, r in zip(cells, rows):
             c.append(r.meta_context or "-")
     return format_table(headers, cells, header=header)
-
-
-def human_size(n: int) -> str:
-    """Bytes in binary units, one decimal at most: ``0 B``, ``512 KiB``, ``1.5 MiB``."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            break
-        value /= 1024
-    if unit == "B":
-        return f"{int(value)} B"
-    text = f"{value:.1f}"
-    return f"{text[:-2] if text.endswith('.0') else text} {unit}"
 
 
 def format_time(epoch: Optional[int]) -> str:

@@ -15,10 +15,12 @@ carries the mark this snapshot wrote; anything else is left alone and logged.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat
 import subprocess
+from typing import Optional
 
 from . import errors
 
@@ -67,6 +69,76 @@ def socket_problem(path: str, domain_uuid: str) -> str:
     if mark != socket_tag(domain_uuid):
         return "its libvirt-fleece mark names another domain"
     return ""
+
+
+def image_problem(path: str, tag: bytes) -> str:
+    """Why ``path`` is not a fleece image carrying ``tag`` ("" when it is, or is gone).
+
+    The diagnosis behind a refusal, for the log (the hook's cleanup); it decides
+    nothing: :func:`remove` proves a file ours again on the descriptor it unlinks."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return ""
+    except OSError as e:
+        return f"cannot inspect it: {e.strerror}"
+    if stat.S_ISLNK(st.st_mode):
+        return "it is a symlink"
+    if not stat.S_ISREG(st.st_mode):
+        return "it is not a regular file"
+    try:
+        mark = os.getxattr(path, XATTR, follow_symlinks=False)
+    except OSError as e:
+        if e.errno in (errno.ENODATA, errno.ENOTSUP):
+            return "it has no libvirt-fleece mark: the plugin did not create it"
+        return f"cannot read its mark: {e.strerror}"
+    if mark != tag:
+        shown = "".join(c if c.isprintable() else "?"
+                        for c in mark.decode("utf-8", "replace")[:120]) or "-"
+        return (f"its mark {shown!r} is not {tag.decode()!r}: it belongs to another domain, "
+                f"snapshot or disk")
+    return ""
+
+
+def path_problem(path: object) -> str:
+    """Why ``path``, named by metadata someone else may have written, is not a path
+    the plugin could have made a fleece image or socket at ("" when it could).
+    :func:`check_path` applies the same rules to a path a caller asks for,
+    raising with a message for that caller."""
+    if not isinstance(path, str) or not path:
+        return "no path"
+    if not path.startswith("/") or os.path.normpath(path) != path:
+        return "not an absolute, normalized path"
+    if len(path) > MAX_PATH or any(ord(c) < 32 or ord(c) == 127 for c in path):
+        return "too long or has control characters"
+    return ""
+
+
+def marked_files(directory: str, domain_uuid: str,
+                 limit: Optional[int] = None) -> list[tuple[str, bytes]]:
+    """(path, mark) of the regular files (not links) directly in ``directory`` whose
+    mark names the domain: images whose records may be lost. Candidates only:
+    remove each with :func:`remove` and its mark.
+
+    ``limit``: look at no more than that many directory entries (logged when hit);
+    the hook, which must never block, passes one; repair looks at all of them.
+    Raises OSError when the directory cannot be listed (FileNotFoundError when absent)."""
+    prefix = f"{domain_uuid}/".encode()
+    found = []
+    with os.scandir(directory) as entries:
+        for i, entry in enumerate(entries):
+            if limit is not None and i >= limit:
+                log.warning("%s has more than %d entries; stopped looking", directory, limit)
+                break
+            try:
+                if not entry.is_file(follow_symlinks=False):
+                    continue
+                mark = os.getxattr(entry.path, XATTR, follow_symlinks=False)
+            except OSError:
+                continue
+            if mark.startswith(prefix):
+                found.append((entry.path, mark))
+    return found
 
 
 def check_path(path: str) -> None:
@@ -223,24 +295,6 @@ def _carries(fd: int, tag: bytes) -> bool:
         return os.getxattr(fd, XATTR) == tag
     except OSError:
         return False
-
-
-def is_ours(path: str, tag: bytes) -> bool:
-    """True when ``path`` is a regular file (not a symlink) carrying ``tag``."""
-    try:
-        dirfd = os.open(os.path.dirname(path) or "/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        fd = _open_regular(dirfd, os.path.basename(path))
-        if fd < 0:
-            return False
-        try:
-            return _carries(fd, tag)
-        finally:
-            os.close(fd)
-    finally:
-        os.close(dirfd)
 
 
 def remove(path: str, tag: bytes) -> bool:

@@ -41,7 +41,6 @@ extended attribute that only root can write.
 from __future__ import annotations
 
 import contextlib
-import errno
 import io
 import logging
 import logging.handlers
@@ -50,14 +49,13 @@ import re
 import signal
 import socket
 import stat
-import subprocess
 import sys
 import time
 from typing import Iterator, Optional, TextIO
 
 from lxml import etree
 
-from . import config, errors, fleecefile, metadata, xmlutil
+from . import config, detached, errors, fleecefile, metadata, xmlutil
 
 log = logging.getLogger(__name__)
 
@@ -289,43 +287,9 @@ def recorded_socket(state_el: etree._Element) -> Optional[str]:
     return None
 
 
-def why_not_ours(path: str, tag: bytes) -> str:
-    """Why ``path`` is not a fleece image carrying ``tag`` ("" when it is, or is gone)."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return ""
-    except OSError as e:
-        return f"cannot inspect it: {e.strerror}"
-    if stat.S_ISLNK(st.st_mode):
-        return "it is a symlink"
-    if not stat.S_ISREG(st.st_mode):
-        return "it is not a regular file"
-    try:
-        mark = os.getxattr(path, fleecefile.XATTR, follow_symlinks=False)
-    except OSError as e:
-        if e.errno in (errno.ENODATA, errno.ENOTSUP):
-            return "it has no libvirt-fleece mark: the plugin did not create it"
-        return f"cannot read its mark: {e.strerror}"
-    if mark != tag:
-        return (f"its mark {_printable(mark.decode('utf-8', 'replace'), 120)!r} is not "
-                f"{tag.decode()!r}: it belongs to another domain, snapshot or disk")
-    return ""
-
-
-def _path_problem(path: object) -> str:
-    if not isinstance(path, str) or not path:
-        return "no path"
-    if not path.startswith("/") or os.path.normpath(path) != path:
-        return "not an absolute, normalized path"
-    if len(path) > fleecefile.MAX_PATH or any(ord(c) < 32 or ord(c) == 127 for c in path):
-        return "too long or has control characters"
-    return ""
-
-
 def remove_image(path: str, tag: bytes, what: str) -> bool:
     """Remove one fleece image when it is provably ours; log the removal or the refusal."""
-    problem = _path_problem(path)
+    problem = fleecefile.path_problem(path)
     if problem:
         log.warning("refusing to remove %r (%s): %s", _printable(path), what, problem)
         return False
@@ -339,7 +303,8 @@ def remove_image(path: str, tag: bytes, what: str) -> bool:
         return False
     if not stat.S_ISREG(st.st_mode):
         # never even opened: opening a device node (a watchdog, a tape) can act on it
-        log.warning("refusing to remove %s (%s): %s", path, what, why_not_ours(path, tag))
+        log.warning("refusing to remove %s (%s): %s", path, what,
+                    fleecefile.image_problem(path, tag))
         return False
     try:
         removed = fleecefile.remove(path, tag)
@@ -350,42 +315,31 @@ def remove_image(path: str, tag: bytes, what: str) -> bool:
         log.info("removed fleece image %s (%s)", path, what)
     elif os.path.lexists(path):
         log.warning("refusing to remove %s (%s): %s", path, what,
-                    why_not_ours(path, tag) or "it changed while it was checked")
+                    fleecefile.image_problem(path, tag) or "it changed while it was checked")
     return removed
 
 
 def sweep(fleece_dir: str, uuid: str) -> int:
-    """Remove the images in ``fleece_dir`` marked for this domain (records lost in a crash)."""
-    prefix = f"{uuid}/".encode()
-    removed = 0
+    """Remove the images in ``fleece_dir`` marked for this domain (records lost in a crash);
+    at most :data:`MAX_SWEEP` entries are looked at (the hook must not block)."""
     try:
-        entries = os.scandir(fleece_dir)
+        marked = fleecefile.marked_files(fleece_dir, uuid, limit=MAX_SWEEP)
     except FileNotFoundError:
         return 0
     except OSError as e:
         log.warning("cannot list %s: %s", fleece_dir, e.strerror)
         return 0
-    with entries:
-        for i, entry in enumerate(entries):
-            if i >= MAX_SWEEP:
-                log.warning("%s has more than %d entries; stopped looking", fleece_dir, MAX_SWEEP)
-                break
-            try:
-                if not entry.is_file(follow_symlinks=False):
-                    continue
-                mark = os.getxattr(entry.path, fleecefile.XATTR, follow_symlinks=False)
-            except OSError:
-                continue
-            if mark.startswith(prefix):
-                what = f"left in {fleece_dir}, mark {mark.decode('utf-8', 'replace')}"
-                removed += remove_image(entry.path, mark, what)
+    removed = 0
+    for path, mark in marked:
+        what = f"left in {fleece_dir}, mark {mark.decode('utf-8', 'replace')}"
+        removed += remove_image(path, mark, what)
     return removed
 
 
 def remove_socket(path: object, socket_dir: str, uuid: str) -> bool:
     """Remove the server's unix socket when it is a dead socket directly in ``socket_dir``
     that carries the domain's mark (fleecefile.socket_problem)."""
-    if not isinstance(path, str) or _path_problem(path) or \
+    if not isinstance(path, str) or fleecefile.path_problem(path) or \
             os.path.dirname(path) != os.path.normpath(socket_dir):
         log.warning("not removing socket %r: not in %s", _printable(path), socket_dir)
         return False
@@ -472,9 +426,8 @@ def worker_command(uuid: str) -> list[str]:
 def spawn_reconcile(text: str) -> None:
     """``started``/``reconnect``: hand the reconcile to a fully detached worker."""
     uuid = domain_uuid(parse_domain(text))
-    proc = subprocess.Popen(worker_command(uuid), start_new_session=True,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, close_fds=True, cwd="/")
+    # the installed package, as the shim found it: python -I ignores PYTHONPATH
+    proc = detached.start(worker_command(uuid), cwd="/", package_path=False)
     log.info("reconcile handed to detached worker pid %d", proc.pid)
 
 

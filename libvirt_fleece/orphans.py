@@ -137,21 +137,15 @@ def _stop_orphan_server(sess: Session, removed_exports: bool) -> list[str]:
 
 
 def _remove_orphan_files(sess: Session) -> list[str]:
+    """Remove the images in ``fleece_dir`` marked for this domain that no record names.
+    Unlike the hook's sweep it looks at every entry (no cap): repair runs in a call."""
     wanted = {d.file for s in sess.state.snapshots for d in s.disks}
-    prefix = f"{sess.uuid}/".encode()
     done: list[str] = []
     try:
-        names = os.listdir(sess.cfg.fleece_dir)
+        marked = fleecefile.marked_files(sess.cfg.fleece_dir, sess.uuid)
     except OSError:
         return done
-    for name in names:
-        path = os.path.join(sess.cfg.fleece_dir, name)
-        if path in wanted:
-            continue
-        try:
-            tag = os.getxattr(path, fleecefile.XATTR, follow_symlinks=False)
-        except OSError:
-            continue
-        if tag.startswith(prefix) and fleecefile.remove(path, tag):
+    for path, tag in marked:
+        if path not in wanted and fleecefile.remove(path, tag):
             done.append(f"removed orphaned fleece image {path}")
     return done

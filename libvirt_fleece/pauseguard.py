@@ -19,6 +19,8 @@ import sys
 import time
 from typing import IO, Iterator, Optional
 
+from . import detached
+
 log = logging.getLogger(__name__)
 
 
@@ -44,14 +46,11 @@ class PauseGuard:
     """Context manager around the short pause: ``with PauseGuard(dom, t) as g: ...``."""
 
     def __init__(self, uri: str, domain_uuid: str, timeout: float, marker: str) -> None:
-        env = dict(os.environ)
-        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [here, env.get("PYTHONPATH")]))
-        self._proc = subprocess.Popen(
+        # the command line a pause guard of any version is started with: keep it
+        self._proc = detached.start(
             [sys.executable, "-c", "import sys; from libvirt_fleece import pauseguard; "
              "sys.exit(pauseguard.main(sys.argv[1:]))", uri, domain_uuid, str(timeout), marker],
-            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True, close_fds=True, env=env)
+            stdin=subprocess.PIPE)
         assert self._proc.stdin is not None     # stdin=PIPE
         self._stdin: IO[bytes] = self._proc.stdin
 

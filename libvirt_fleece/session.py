@@ -35,7 +35,7 @@ class Session:
 
 
 @contextlib.contextmanager
-def open_session(dom: libvirt.virDomain, reconcile: bool = True) -> Iterator[Session]:
+def open_session(dom: libvirt.virDomain) -> Iterator[Session]:
     """Validate ``dom``, lock it and yield its state.
 
     Raises InvalidArgument, ConnectionError, OperationInvalid (see
@@ -48,14 +48,11 @@ def open_session(dom: libvirt.virDomain, reconcile: bool = True) -> Iterator[Ses
         try:
             sess = Session(dom=dom, cfg=cfg, state=metadata.load(dom), uuid=uuid)
         except errors.InvalidArgument as e:
-            if not reconcile:
-                raise
             log.error("domain %s: the plugin's metadata is unusable (%s); rebuilding it from "
                       "qemu and the images", dom.name(), e)
             sess = Session(dom=dom, cfg=cfg, state=metadata.State(), uuid=uuid, repaired=True)
-        if reconcile:
-            from . import reconcile as _reconcile
-            sess.report = _reconcile.finish_interrupted(sess)
-            if sess.repaired:
-                sess.report.insert(0, "the stored metadata was unusable and was rebuilt")
+        from . import reconcile as _reconcile
+        sess.report = _reconcile.finish_interrupted(sess)
+        if sess.repaired:
+            sess.report.insert(0, "the stored metadata was unusable and was rebuilt")
         yield sess

@@ -18,11 +18,11 @@ import json
 import logging
 import logging.handlers
 import os
-import subprocess
 import sys
 import time
 from typing import TYPE_CHECKING, Any, Optional
 
+from . import detached
 from .session import Session
 
 if TYPE_CHECKING:
@@ -54,15 +54,11 @@ def ensure_running(sess: Session) -> None:
     if fd is None:
         return                      # a watcher holds the lock
     os.close(fd)
-    env = dict(os.environ)
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [here, env.get("PYTHONPATH")]))
-    subprocess.Popen([sys.executable, "-c",
-                      "import sys; from libvirt_fleece import watcher; "
-                      "sys.exit(watcher.main(sys.argv[1], sys.argv[2]))",
-                      sess.dom.connect().getURI(), sess.uuid],
-                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                     stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True, env=env)
+    # the command line a watcher of any version is started with: keep it
+    detached.start([sys.executable, "-c",
+                    "import sys; from libvirt_fleece import watcher; "
+                    "sys.exit(watcher.main(sys.argv[1], sys.argv[2]))",
+                    sess.dom.connect().getURI(), sess.uuid])
 
 
 def _still_needed(dom: libvirt.virDomain) -> bool:

@@ -20,7 +20,7 @@ from lxml import etree
 import libvirt_fleece as lf
 import vm as testvm
 from conftest import plugin_leftovers
-from libvirt_fleece import bitmaps, checkpoints, cli, cliformat, documents, errors, xmlutil
+from libvirt_fleece import bitmaps, checkpoints, cli, cliformat, documents, errors, units, xmlutil
 
 MiB = 1 << 20
 
@@ -294,7 +294,7 @@ def test_parse_snapshot_desc_of_library_document():
     (0, "0 B"), (1023, "1023 B"), (1024, "1 KiB"), (1536 * 1024, "1.5 MiB"),
     (64 * MiB, "64 MiB"), (3 << 30, "3 GiB"), (5 << 40, "5 TiB")])
 def test_human_size(n, text):
-    assert cliformat.human_size(n) == text
+    assert units.human_size(n) == text
 
 
 def test_format_time_like_virsh(monkeypatch):

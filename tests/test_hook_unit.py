@@ -133,6 +133,56 @@ def test_release_sweeps_images_of_this_domain_whose_record_was_lost(dirs):
     assert os.path.exists(foreign) and os.path.exists(unmarked)
 
 
+def test_sweep_looks_at_no_more_than_max_sweep_entries_and_says_so(dirs, monkeypatch, caplog):
+    for i in range(5):
+        with open(os.path.join(dirs["fleece"], f"filler{i}"), "w"):
+            pass
+    lost = make_image(os.path.join(dirs["fleece"], "web1.gone.vda.qcow2"), snap_id="aaaaaaaa")
+    monkeypatch.setattr(hook, "MAX_SWEEP", 3)
+    seen = len(os.listdir(dirs["fleece"]))
+    order = [e.name for e in os.scandir(dirs["fleece"])]
+    removed = hook.sweep(dirs["fleece"], UUID)
+    assert seen == 6 and "stopped looking" in caplog.text
+    assert removed == (order.index("web1.gone.vda.qcow2") < 3)
+    assert os.path.lexists(lost) != bool(removed)
+    monkeypatch.setattr(hook, "MAX_SWEEP", 100)
+    caplog.clear()
+    assert hook.sweep(dirs["fleece"], UUID) == (0 if removed else 1)
+    assert not os.path.lexists(lost) and "stopped looking" not in caplog.text
+
+
+def test_sweep_of_a_missing_or_unlistable_fleece_dir_removes_nothing(dirs, caplog):
+    assert hook.sweep(os.path.join(dirs["fleece"], "absent"), UUID) == 0
+    assert "cannot list" not in caplog.text
+    not_a_dir = os.path.join(dirs["fleece"], "file")
+    with open(not_a_dir, "w"):
+        pass
+    assert hook.sweep(not_a_dir, UUID) == 0
+    assert f"cannot list {not_a_dir}" in caplog.text
+
+
+def test_sweep_passes_over_marked_entries_that_are_not_regular_files(dirs):
+    tag = fleecefile.owner_tag(UUID, SNAP_ID, "vda")
+    directory = os.path.join(dirs["fleece"], "marked-dir")
+    os.mkdir(directory)
+    os.setxattr(directory, fleecefile.XATTR, tag)
+    target = make_image(str(dirs["tmp"] / "target.qcow2"))
+    link = os.path.join(dirs["fleece"], "marked-link")
+    os.symlink(target, link)
+    assert fleecefile.marked_files(dirs["fleece"], UUID) == []
+    assert hook.sweep(dirs["fleece"], UUID) == 0
+    assert os.path.isdir(directory) and os.path.exists(target) and os.path.islink(link)
+
+
+def test_marked_files_names_only_this_domains_images(dirs):
+    mine = make_image(os.path.join(dirs["fleece"], "a.qcow2"))
+    make_image(os.path.join(dirs["fleece"], "b.qcow2"), uuid=OTHER_UUID)
+    assert fleecefile.marked_files(dirs["fleece"], UUID) == [
+        (mine, fleecefile.owner_tag(UUID, SNAP_ID, "vda"))]
+    with pytest.raises(FileNotFoundError):
+        fleecefile.marked_files(os.path.join(dirs["fleece"], "absent"), UUID)
+
+
 def test_forged_path_without_the_mark_is_left_alone_and_logged(dirs, caplog):
     victim = dirs["tmp"] / "passwd"
     victim.write_text("root:x:0:0:root:/root:/bin/bash\n")
@@ -258,7 +308,7 @@ GARBAGE = [
 def test_garbage_on_stdin_exits_0_prints_nothing_and_logs(dirs, operation, text, caplog,
                                                           monkeypatch):
     spawned = []
-    monkeypatch.setattr(hook.subprocess, "Popen", lambda *a, **k: spawned.append(a))
+    monkeypatch.setattr(hook.detached.subprocess, "Popen", lambda *a, **k: spawned.append(a))
     rc, out = call(operation, text)
     assert rc == 0 and out == "" and spawned == []
     if operation in ("migrate", "restore") and "not-a-uuid" in text:
@@ -332,7 +382,7 @@ def test_start_hands_reconcile_to_a_detached_process_and_returns_at_once(dirs, o
         def __init__(self, args, **kwargs):
             calls.append((args, kwargs))
 
-    monkeypatch.setattr(hook.subprocess, "Popen", FakePopen)
+    monkeypatch.setattr(hook.detached.subprocess, "Popen", FakePopen)
     t0 = time.monotonic()
     rc, out = call(operation, domain_xml(state_doc({})))
     assert time.monotonic() - t0 < 0.2

@@ -903,7 +903,7 @@ def test_hook_survives_hostile_stdin(env, monkeypatch, op, case_id, request):
             spawned.append(argv)
             self.pid = 0
 
-    monkeypatch.setattr(hook.subprocess, "Popen", FakePopen)
+    monkeypatch.setattr(hook.detached.subprocess, "Popen", FakePopen)
     channel = f"hook-{op}"
     TRIED[channel] += 1
     text = c.payload if isinstance(c.payload, str) else c.payload.decode("utf-8", "replace")
