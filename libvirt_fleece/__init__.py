@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 # public name -> (module, name in it)
 _PUBLIC = {

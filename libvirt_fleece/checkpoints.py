@@ -371,10 +371,19 @@ def new_seq(cps: list[Checkpoint]) -> int:
 
 
 def plan_snapshot(sess: Session, rec: SnapshotRecord, live: dict[str, LiveDisk],
-                  cps: list[Checkpoint], make_checkpoint: bool) -> list[dict]:
-    """Fill the bitmap fields of a planned snapshot; return the bitmap actions that
-    must run at the snapshot's instant. Raises InvalidArgument for a checkpoint on
-    a disk that cannot hold one, AlreadyExists for a taken checkpoint name."""
+                  cps: list[Checkpoint],
+                  make_checkpoint: bool) -> tuple[list[dict], list[dict]]:
+    """Fill the bitmap fields of a planned snapshot; return the bitmap actions to run
+    just before the snapshot's instant (the guest running) and those that must run at
+    the instant. Raises InvalidArgument for a checkpoint on a disk that cannot hold
+    one, AlreadyExists for a taken checkpoint name.
+
+    The frozen copies are made before the instant, after a recording "delta" bitmap
+    was added: every checkpoint bitmap records, so a copy taken at t plus the writes
+    from the delta's start to the instant is the bitmap at the instant, and only the
+    delta is stopped at the instant (one action, whatever the number of checkpoints,
+    inside the guest's pause)."""
+    before: list[dict] = []
     actions: list[dict] = []
     if make_checkpoint:
         if any(c.name == rec.name for c in cps):
@@ -396,15 +405,18 @@ def plan_snapshot(sess: Session, rec: SnapshotRecord, live: dict[str, LiveDisk],
             d.frozen = f"{d.filter_node[:-3]}frz"
             older = [e for e in entries[:-1] if e.recording and not e.inconsistent]
             d.frozen_seqs = " ".join(f"{e.seq:x}" for e in older) or None
+            d.frozen_delta = f"{d.frozen}.d"
+            before.append(bitmaps.add(d.base, d.frozen_delta, persistent=False))
             copies = frozen_copies(d)
             for e in older + [newest]:
-                actions.append(bitmaps.add(d.base, copies[e.seq], persistent=False,
-                                           disabled=True))
-                actions.append(bitmaps.merge(d.base, copies[e.seq], e.sources()))
+                before.append(bitmaps.add(d.base, copies[e.seq], persistent=False,
+                                          disabled=True))
+                before.append(bitmaps.merge(d.base, copies[e.seq], e.sources()))
+            actions.append(bitmaps.disable(d.base, d.frozen_delta))
         if rec.checkpoint:
             actions.append(bitmaps.add(d.base, bitmaps.checkpoint_bitmap_name(
                 rec.checkpoint_seq, ld.capacity, rec.checkpoint), persistent=True))
-    return actions
+    return before, actions
 
 
 def frozen_copies(d: DiskRecord) -> dict[int, str]:
@@ -417,6 +429,12 @@ def frozen_copies(d: DiskRecord) -> dict[int, str]:
     for s in (d.frozen_seqs or "").split():
         copies[int(s, 16)] = f"{d.frozen}.{s}"
     return copies
+
+
+def frozen_bitmaps(d: DiskRecord) -> list[str]:
+    """Every temporary bitmap a snapshot keeps on one disk: its frozen copies and the
+    delta (0.3: the writes from the copies to the instant) that completes them."""
+    return list(frozen_copies(d).values()) + ([d.frozen_delta] if d.frozen_delta else [])
 
 
 def serving_copies(copies: dict[int, str], present: list[int]) -> dict[int, str]:
@@ -435,7 +453,8 @@ def serving_copies(copies: dict[int, str], present: list[int]) -> dict[int, str]
 
 
 def union_sources(entries: list[CheckpointDisk], since: int,
-                  serving: Optional[dict[int, str]] = None) -> list:
+                  serving: Optional[dict[int, str]] = None,
+                  delta: Optional[str] = None) -> list:
     """Merge sources for the changes since checkpoint ``since`` (seq): the bitmaps
     of it and every newer one (each replaced by a snapshot's frozen copy standing
     for it, from ``serving``), up to the first that records (it holds the rest)."""
@@ -445,6 +464,8 @@ def union_sources(entries: list[CheckpointDisk], since: int,
                     key=lambda e: e.seq):
         if e.seq in serving:
             sources.append(serving[e.seq])
+            if delta:
+                sources.append(delta)           # the writes from the copy to the instant
             break
         sources += e.sources()
         if e.recording:
@@ -458,7 +479,7 @@ def undo_snapshot_bitmaps(sess: Session, rec: SnapshotRecord, undo_checkpoint: b
     present = {(b.node, b.name) for bs in bitmaps.by_node(sess.dom).values() for b in bs}
     actions = []
     for d in rec.disks:
-        actions += [bitmaps.remove(d.base, name) for name in frozen_copies(d).values()
+        actions += [bitmaps.remove(d.base, name) for name in frozen_bitmaps(d)
                     if (d.base, name) in present]
         if undo_checkpoint and rec.checkpoint:
             made = (rec.checkpoint_seq, rec.checkpoint)
@@ -495,7 +516,7 @@ def export_bitmap_actions(sess: Session, snap: SnapshotRecord, d: DiskRecord,
     entries = [e for c in cps for e in c.disks
                if e.disk == d.name and e.present and e.seq <= d.anchor_seq]
     serving = serving_copies(frozen_copies(d), [e.seq for e in entries])
-    sources = union_sources(entries, entry.seq, serving)
+    sources = union_sources(entries, entry.seq, serving, d.frozen_delta)
     return [bitmaps.add(d.base, target, disabled=True), bitmaps.merge(d.base, target, sources)]
 
 

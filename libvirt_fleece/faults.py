@@ -38,6 +38,7 @@ KILL_POINTS = (
     "snapshot-create:fd-added",
     "snapshot-create:fleece-node-added",
     "snapshot-create:filter-added",
+    "snapshot-create:bitmaps-copied",
     "snapshot-create:guest-paused",
     "snapshot-create:bitmaps-changed",
     "snapshot-create:filter-inserted",

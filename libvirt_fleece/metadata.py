@@ -64,6 +64,7 @@ class DiskRecord:
     frozen: Optional[str] = None    # bitmap: changes from that checkpoint to the snapshot
     disabled: Optional[str] = None  # checkpoint bitmap this snapshot's checkpoint disabled (0.2)
     frozen_seqs: Optional[str] = None   # hex seqs of the older checkpoints frozen too (0.3)
+    frozen_delta: Optional[str] = None  # bitmap: writes from the copies to the instant (0.3)
 
 
 @dataclasses.dataclass
@@ -130,7 +131,7 @@ class State:
 
 _DISK_ATTRS = {"fleece_node": "fleece-node", "filter_node": "filter-node",
                "access_node": "access-node", "anchor_seq": "anchor-seq",
-               "frozen_seqs": "frozen-seqs",
+               "frozen_seqs": "frozen-seqs", "frozen_delta": "frozen-delta",
                "checkpoint_seq": "checkpoint-seq", "readpath": "read-path"}
 
 

@@ -92,7 +92,7 @@ def _remove_orphan_bitmaps(sess: Session) -> None:
     """Temporary bitmaps of ours that no snapshot or export references (a crash)."""
     wanted: set[tuple[Optional[str], str]] = {
         (d.base, name) for s in sess.state.snapshots for d in s.disks
-        for name in checkpoints.frozen_copies(d).values()}
+        for name in checkpoints.frozen_bitmaps(d)}
     wanted |= {(e.node, e.bitmap) for e in sess.state.exports() if e.bitmap}
     actions = [bitmaps.remove(b.node, b.name)
                for bs in bitmaps.by_node(sess.dom).values() for b in bs

@@ -133,7 +133,7 @@ def _default_fleece_path(sess: Session, snap: str, disk: str) -> str:
 
 
 def _plan(sess: Session, spec: documents.SnapshotSpec,
-          make_checkpoint: bool) -> tuple[SnapshotRecord, list[dict]]:
+          make_checkpoint: bool) -> tuple[SnapshotRecord, tuple[list[dict], list[dict]]]:
     """Check a request against the domain and plan all names and bitmap actions.
 
     Changes nothing. Raises NotFound, InvalidArgument, AlreadyExists, OperationInvalid.
@@ -279,7 +279,8 @@ def _insert_filters(sess: Session, rec: SnapshotRecord, actions: list[dict]) -> 
             f"the disks may not be at one instant, so the snapshot was not kept")
 
 
-def _build(sess: Session, rec: SnapshotRecord, actions: list[dict]) -> None:
+def _build(sess: Session, rec: SnapshotRecord, before: list[dict],
+           actions: list[dict]) -> None:
     dom = sess.dom
     fds = fleecefile.create_many([(d.file, d.capacity,
                                    fleecefile.owner_tag(sess.uuid, rec.id, d.name))
@@ -301,6 +302,8 @@ def _build(sess: Session, rec: SnapshotRecord, actions: list[dict]) -> None:
         blockgraph.add_filter(dom, d.filter_node, d.below, d.fleece_node,
                               break_guest_write=overlay)
         killpoint("snapshot-create:filter-added")
+    bitmaps.run(dom, before)          # frozen copies, the guest running (plan_snapshot)
+    killpoint("snapshot-create:bitmaps-copied")
     _insert_filters(sess, rec, actions)
     if not overlay:
         for d in rec.disks:
@@ -346,12 +349,13 @@ def create(dom: libvirt.virDomain, xmlDesc: str, flags: int = 0) -> BlockSnapsho
     check_flags(flags, _CREATE_FLAGS, "blockSnapshotCreateXML")
     spec = documents.parse_snapshot(xmlDesc)
     with open_session(dom) as sess:
-        rec, actions = _plan(sess, spec, bool(flags & VIR_DOMAIN_BLOCK_SNAPSHOT_CREATE_CHECKPOINT))
+        rec, (before, actions) = _plan(sess, spec,
+                                       bool(flags & VIR_DOMAIN_BLOCK_SNAPSHOT_CREATE_CHECKPOINT))
         sess.state.snapshots.append(rec)
         sess.save()
         killpoint("snapshot-create:recorded")
         try:
-            _build(sess, rec, actions)
+            _build(sess, rec, before, actions)
             if rec.limit:
                 health.set_limit(sess, rec)
             rec.state = metadata.READY

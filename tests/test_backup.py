@@ -352,7 +352,7 @@ def test_points_record_their_writer_and_old_ones_are_warned_about(make_vm, targe
     for p in data["points"]:
         writer = p["writer"]
         assert set(writer) == {"libvirt_fleece", "qemu", "read_path"}
-        assert writer["libvirt_fleece"] == lf.__version__ == "0.2.0"
+        assert writer["libvirt_fleece"] == lf.__version__ == "0.3.0"
         assert writer["qemu"] == qemu_version(t.dom)
         assert writer["read_path"] in ("overlay", "snapshot-access"), writer    # readPath
     assert bk.point_warnings(bk.info(target)) == []
@@ -383,7 +383,7 @@ def test_points_record_their_writer_and_old_ones_are_warned_about(make_vm, targe
     t.write("vda", 0x83, 8 * MiB, MiB)
     r = bk.backup(t.dom, target)
     assert r.mode == "full" and "point 1 builds on point 0" in r.reason, r.reason
-    assert r.point.writer == mf.Writer("0.2.0", qemu_version(t.dom), r.point.writer.read_path)
+    assert r.point.writer == mf.Writer("0.3.0", qemu_version(t.dom), r.point.writer.read_path)
     rc, out, warned = cli_lines("verify", target)
     assert rc == 0 and [w.split(" (")[0] for w in warned] == \
         ["WARNING: point 0", "WARNING: point 1"], out
