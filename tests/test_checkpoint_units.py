@@ -87,3 +87,14 @@ def test_deleting_a_checkpoint_newer_than_the_snapshot_leaves_its_copies_alone()
     s = snapshot(disk(1, []))
     assert checkpoints.delete_actions([s], cps(a, b), cps(a, b)[1]) == [
         bitmaps.remove(TOP, b.bitmap)]
+
+
+def test_a_frozen_copy_is_completed_by_the_snapshots_delta():
+    """0.3 copies the bitmaps before the instant; the delta holds the writes from the
+    copies to the instant, so it joins whichever frozen copy stands for the checkpoint."""
+    a, b = entry(1, True), entry(2, True)
+    assert checkpoints.union_sources([a, b], 1, {1: "f1", 2: "f2"}, "d") == ["f1", "d"]
+    assert checkpoints.union_sources([a, b], 1, {}, "d") == [a.bitmap]     # no copy, no delta
+    d = disk(2, [1])
+    d.frozen_delta = "fleece-1-frz.d"
+    assert checkpoints.frozen_bitmaps(d) == ["fleece-1-frz", "fleece-1-frz.1", "fleece-1-frz.d"]
