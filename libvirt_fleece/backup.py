@@ -533,8 +533,8 @@ def _alive(dom: libvirt.virDomain, journal: Journal) -> libvirt.virDomain:
     while the copy ran (the copy reads the NBD socket, not libvirt: it goes on, but the
     old connection is dead). Raises LibvirtError when libvirtd cannot be reached."""
     try:
-        if dom.connect().isAlive():
-            return dom
+        dom.isActive()                  # a round trip: isAlive() can say yes on a dead one
+        return dom
     except libvirt.libvirtError:
         pass
     log.warning("the libvirt connection died during the backup (libvirtd restarted?); "
