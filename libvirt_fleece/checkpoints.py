@@ -370,7 +370,7 @@ def new_seq(cps: list[Checkpoint]) -> int:
     return max([time.time_ns()] + [c.seq + 1 for c in cps])
 
 
-def plan_snapshot(sess: Session, rec: SnapshotRecord, live: dict[str, LiveDisk],
+def plan_snapshot(domain: str, rec: SnapshotRecord, live: dict[str, LiveDisk],
                   cps: list[Checkpoint],
                   make_checkpoint: bool) -> tuple[list[dict], list[dict]]:
     """Fill the bitmap fields of a planned snapshot; return the bitmap actions to run
@@ -388,7 +388,7 @@ def plan_snapshot(sess: Session, rec: SnapshotRecord, live: dict[str, LiveDisk],
     if make_checkpoint:
         if any(c.name == rec.name for c in cps):
             raise errors.AlreadyExists(
-                f"domain {sess.dom.name()!r} already has a checkpoint {rec.name!r}")
+                f"domain {domain!r} already has a checkpoint {rec.name!r}")
         rec.checkpoint = rec.name
         rec.checkpoint_seq = new_seq(cps)
     for d in rec.disks:

@@ -188,7 +188,7 @@ def _plan(sess: Session, spec: documents.SnapshotSpec,
     rec.readpath = readpath.choose(dom, sess.cfg.state_dir, sess.cfg.read_path).readpath
     rec.limit = _size_limit(sess, rec, spec.size_limit or sess.cfg.fleece_size_limit)
     cps = checkpoints.scan(sess, live)
-    actions = checkpoints.plan_snapshot(sess, rec, {ld.name: ld for ld in live}, cps,
+    actions = checkpoints.plan_snapshot(dom.name(), rec, {ld.name: ld for ld in live}, cps,
                                         make_checkpoint)
     return rec, actions
 

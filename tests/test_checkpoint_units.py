@@ -98,3 +98,71 @@ def test_a_frozen_copy_is_completed_by_the_snapshots_delta():
     d = disk(2, [1])
     d.frozen_delta = "fleece-1-frz.d"
     assert checkpoints.frozen_bitmaps(d) == ["fleece-1-frz", "fleece-1-frz.1", "fleece-1-frz.d"]
+
+
+def live(fmt: str = "qcow2"):
+    from libvirt_fleece.disks import DomainDisk
+    from libvirt_fleece.livedisks import LiveDisk
+    d = DomainDisk(target="vda", alias="virtio-disk0", type="file", device="disk",
+                   format=fmt, source="/x", readonly=False, shareable=False)
+    return {"vda": LiveDisk(disk=d, qdev="q", top=TOP, base=TOP, capacity=1 << 26)}
+
+
+def planned(name: str = "s") -> SnapshotRecord:
+    return SnapshotRecord(name=name, id="1", state="creating", created=0,
+                          disks=[disk(0, [])])
+
+
+def test_a_snapshot_without_checkpoints_plans_no_bitmap_work():
+    rec = planned()
+    rec.disks[0].frozen = None
+    assert checkpoints.plan_snapshot("d", rec, live(), [], False) == ([], [])
+    assert rec.disks[0].frozen is None
+
+
+def test_the_copies_are_made_before_the_instant_and_only_the_delta_stops_at_it():
+    a, b = entry(1, True), entry(2, True)
+    rec = planned()
+    before, instant = checkpoints.plan_snapshot("d", rec, live(), cps(a, b), True)
+    d = rec.disks[0]
+    assert (d.anchor_seq, d.frozen, d.frozen_seqs) == (2, "fleece-1-frz", "1")
+    assert before[0] == bitmaps.add(TOP, "fleece-1-frz.d")              # delta first
+    assert before[1:] == [bitmaps.add(TOP, "fleece-1-frz.1", disabled=True),
+                          bitmaps.merge(TOP, "fleece-1-frz.1", [a.bitmap]),
+                          bitmaps.add(TOP, "fleece-1-frz", disabled=True),
+                          bitmaps.merge(TOP, "fleece-1-frz", [b.bitmap])]
+    assert instant[0] == bitmaps.disable(TOP, "fleece-1-frz.d")
+    assert instant[1]["type"] == "block-dirty-bitmap-add" and \
+        instant[1]["data"]["name"].endswith(".s") and instant[1]["data"]["persistent"]
+    assert len(instant) == 2                                 # nothing else in the pause
+
+
+def test_checkpoints_0_2_stopped_get_no_copy():
+    a, b = entry(1, False), entry(2, True)
+    rec = planned()
+    before, _ = checkpoints.plan_snapshot("d", rec, live(), cps(a, b), False)
+    assert rec.disks[0].frozen_seqs is None
+    assert [x["data"]["name"] for x in before if x["type"] == "block-dirty-bitmap-add"] == \
+        ["fleece-1-frz.d", "fleece-1-frz"]
+
+
+def test_a_checkpoint_on_a_raw_disk_or_a_taken_name_is_refused_clearly():
+    import pytest
+    from libvirt_fleece import errors
+    with pytest.raises(errors.InvalidArgument, match="raw.*qcow2"):
+        checkpoints.plan_snapshot("d", planned(), live("raw"), [], True)
+    with pytest.raises(errors.AlreadyExists, match="already has a checkpoint 'c1'"):
+        checkpoints.plan_snapshot("d", planned("c1"), live(), cps(entry(1, True)), True)
+
+
+def test_judging_validity_newest_first():
+    a, b = entry(1, True), entry(2, True)
+    checkpoints._judge([a, b], 1 << 26)
+    assert a.valid and b.valid
+    b.inconsistent = True
+    checkpoints._judge([a, b], 1 << 26)
+    assert not b.valid and "uncleanly" in b.reason
+    assert not a.valid and "newer checkpoint 'c2'" in a.reason
+    a, b = entry(1, True), entry(2, True)
+    checkpoints._judge([a, b], 2 << 26)
+    assert not b.valid and "resized" in b.reason
