@@ -211,6 +211,6 @@ def test_read_path_of_the_exports():
     assert bk._bitmaps({"vda": {"bitmap": "bm0"}, "vdb": {}}) == {"vda": "bm0"}
 
 
-def test_version_is_0_2_0_and_newer_than_the_fixed_one():
-    assert libvirt_fleece.__version__ == "0.2.0"
+def test_version_is_0_3_0_and_newer_than_the_fixed_one():
+    assert libvirt_fleece.__version__ == "0.3.0"
     assert bw.version_tuple(libvirt_fleece.__version__) >= bw.FIXED_IN
