@@ -714,6 +714,20 @@ def _run_cell(t: MatrixVM, cell: Cell, tmp_path, state: str, group: str, op: str
 # --- serial tier: libvirtd restart (last in this module) ------------------------------------
 
 
+def remove_after_restart(vms: list, old: libvirt.virConnect) -> None:
+    """Remove test domains through a fresh connection (the old one may have died with
+    libvirtd), then close the old one if it still can be."""
+    fresh = libvirt.open("qemu:///system")
+    for t in vms:
+        t.conn = fresh
+        t.cleanup()
+    fresh.close()
+    try:
+        old.close()
+    except libvirt.libvirtError:
+        pass
+
+
 def serial_tier_selected(config) -> bool:
     expr = config.getoption("-m") or ""
     return "serial" in expr and "not serial" not in expr
@@ -762,16 +776,7 @@ def test_libvirtd_restart_with_every_plugin_state(request, tmp_path):
                 problems[f"[{cell.state}-libvirtd-restart]"] = found
         c2.close()
     finally:
-        c3 = libvirt.open("qemu:///system")
-        for item in made:
-            t = item[0] if isinstance(item, tuple) else item
-            t.conn = c3
-            t.cleanup()
-        c3.close()
-        try:
-            c.close()
-        except libvirt.libvirtError:
-            pass
+        remove_after_restart([item[0] if isinstance(item, tuple) else item for item in made], c)
     if RECORD:
         with open(RECORD, "a") as f:
             f.write(json.dumps({"op": "libvirtd-restart", "problems": problems}) + "\n")
@@ -821,11 +826,4 @@ def test_libvirtd_restart_while_the_plugins_backup_runs(request, tmp_path):
     finally:
         if cell is not None:
             cell.go.set()
-        c3 = libvirt.open("qemu:///system")
-        t.conn = c3
-        t.cleanup()
-        c3.close()
-        try:
-            c.close()
-        except libvirt.libvirtError:
-            pass
+        remove_after_restart([t], c)
