@@ -65,6 +65,36 @@ def vm(make_vm) -> vmlib.TestVM:
     return make_vm(disks=2)
 
 
+def stop_watcher(dom) -> None:
+    """Stop the domain's watcher (started by a limited snapshot, so by every snapshot on
+    the overlay read path). Its first look runs the plugin's repair, which may land
+    after a test corrupted the state and before the test's own call reports it."""
+    import signal
+    import time
+    uuid = dom.UUIDString()
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if any(b"import watcher" in a for a in argv) and uuid.encode() in argv:
+            pids.append(int(pid))
+    for pid in pids:
+        os.kill(pid, signal.SIGTERM)
+
+    def running(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+    deadline = time.monotonic() + 10
+    while any(running(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def plugin_leftovers(dom) -> dict:
     """Everything of ours still in qemu: nodes, fdsets, exports (empty dict = clean)."""
     import libvirt_qemu

@@ -11,7 +11,7 @@ import pytest
 
 import libvirt_fleece as lf
 from libvirt_fleece import metadata
-from conftest import plugin_leftovers
+from conftest import plugin_leftovers, stop_watcher
 from vm import MiB, expected_image, read_export
 
 pytestmark = pytest.mark.integration
@@ -56,6 +56,7 @@ def assert_repaired_and_usable(t, files):
 ])
 def test_unparseable_metadata_is_reported_and_rebuilt(vm, garbage):
     files = live_snapshot(vm)
+    stop_watcher(vm.dom)        # else its first look may repair before we ask
     set_state(vm.dom, garbage)
     report = lf.repair(vm.dom)
     # libvirt keeps a foreign-namespace element apart: then ours simply looks absent
