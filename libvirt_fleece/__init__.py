@@ -40,7 +40,7 @@ _PUBLIC = {
     "blockExportList": ("exports", "list_all"),
     "VIR_DOMAIN_BLOCK_EXPORT_STOP_FORCE": ("exports", "VIR_DOMAIN_BLOCK_EXPORT_STOP_FORCE"),
     # maintenance
-    "repair": ("reconcile", "repair"),
+    "repair": ("calls", "repair"),
     # errors
     "Error": ("errors", "Error"),
     "InvalidArgument": ("errors", "InvalidArgument"),
@@ -81,7 +81,7 @@ if TYPE_CHECKING:       # what type checkers and IDEs see
     from .exports import list_all as blockExportList  # noqa: F401
     from .exports import start as blockExportStart  # noqa: F401
     from .exports import stop as blockExportStop  # noqa: F401
-    from .reconcile import repair  # noqa: F401
+    from .calls import repair  # noqa: F401
     from .snapshots import (VIR_DOMAIN_BLOCK_SNAPSHOT_CREATE_CHECKPOINT,  # noqa: F401
                             VIR_DOMAIN_BLOCK_SNAPSHOT_DELETE_STOP_EXPORTS, BlockSnapshot)
     from .snapshots import create as blockSnapshotCreateXML  # noqa: F401

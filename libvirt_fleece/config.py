@@ -26,7 +26,7 @@ Keys and defaults::
     backup_group: null                     # group granted read access to backup images
                                            # (mode 0640); null: owner only (0600)
 
-A backup directory is untrusted input (see backup_manifest.py): the two size keys
+A backup directory is untrusted input (see backup/manifest.py): the two size keys
 bound what ``backup``, ``restore``, ``verify`` and ``info`` accept from it.
 
 On a QEMU whose snapshot-access reads are wrong (7.2; see readpath.py),

@@ -88,3 +88,14 @@ class LibvirtError(Error):
 
 class InternalError(Error):
     """An invariant of the plugin did not hold; please report it."""
+
+
+class ToolError(Error):
+    """``qemu-img`` or ``qemu-nbd`` failed or could not be run; the message has
+    the command and what the tool said."""
+
+    def __init__(self, cmd: list[str], reason: str, returncode: "int | None" = None) -> None:
+        super().__init__(f"{' '.join(cmd)} failed: {reason}")
+        self.cmd = cmd
+        self.reason = reason
+        self.returncode = returncode        # None: it did not run, or did not finish

@@ -19,10 +19,10 @@ import errno
 import logging
 import os
 import stat
-import subprocess
 from typing import Optional
 
 from . import errors
+from .qemu import tools
 
 log = logging.getLogger(__name__)
 
@@ -201,15 +201,9 @@ _MAX_TEMPLATE = 4 << 20
 
 
 def _qemu_img_create(jobs: list[tuple[int, int]]) -> None:
-    """Run qemu-img create on every (fd, capacity) at once. Raises InternalError."""
-    procs = [subprocess.Popen(
-        ["qemu-img", "create", "-q", "-f", "qcow2", f"/dev/fd/{fd}", str(capacity)],
-        pass_fds=[fd], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE, text=True) for fd, capacity in jobs]
-    failures = [p.communicate()[1].strip() for p in procs]
-    failed = [err for p, err in zip(procs, failures) if p.returncode != 0]
-    if failed:
-        raise errors.InternalError(f"qemu-img create failed: {failed[0]}")
+    """Run qemu-img create on every (fd, capacity) at once. Raises ToolError."""
+    tools.qemu_img_many([(["create", "-q", "-f", "qcow2", f"/dev/fd/{fd}", str(capacity)],
+                          [fd]) for fd, capacity in jobs])
 
 
 def _format_qcow2(jobs: list[tuple[int, int]]) -> None:
@@ -246,7 +240,7 @@ def create_many(files: list[tuple[str, int, bytes]]) -> list[int]:
 
     All or nothing: on failure the ones already linked are removed again.
     Raises AlreadyExists when a path exists, InvalidArgument when it cannot be
-    created there (the message says why), InternalError when qemu-img fails.
+    created there (the message says why), ToolError when qemu-img fails.
     """
     for path, _capacity, _tag in files:
         check_path(path)

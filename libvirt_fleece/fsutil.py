@@ -19,7 +19,7 @@ def write_new_file(fd: int, data: bytes, mode: int) -> None:
     """Fill the new temporary file ``fd`` of an atomic replace and close it: all of
     ``data``, root-owned when we are root, ``mode``, fsync. Closes ``fd`` also
     when it fails. Raises OSError. (:func:`write_atomic` and
-    :meth:`.backup_dir.BackupDir.write_atomic` make the file and rename it.)"""
+    :meth:`.backup.dir.BackupDir.write_atomic` make the file and rename it.)"""
     try:
         view = memoryview(data)
         while view:
@@ -40,7 +40,7 @@ def write_atomic(path: str, data: bytes, mode: int = 0o644) -> None:
     For directories only root writes (the state directory, the hook directory):
     ``path`` is resolved by name, its parent's symlinks followed. A file in a
     directory others can write (a backup directory) is replaced through
-    :meth:`.backup_dir.BackupDir.write_atomic` instead, which works on the
+    :meth:`.backup.dir.BackupDir.write_atomic` instead, which works on the
     directory's descriptor and refuses links."""
     directory = os.path.dirname(path) or "."
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",

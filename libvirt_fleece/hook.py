@@ -437,7 +437,7 @@ def reconcile_domain(uuid: str, timeout: float) -> int:
     Returns 0 when done, 1 when it gave up (logged)."""
     import libvirt
 
-    from . import session
+    from . import calls
     from . import virt  # noqa: F401 - importing it silences libvirt's stderr handler
 
     deadline = time.monotonic() + timeout
@@ -456,7 +456,7 @@ def reconcile_domain(uuid: str, timeout: float) -> int:
                     log.info("domain stopped before it could be reconciled; nothing to do")
                     return 0
                 if state in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_PAUSED):
-                    with session.open_session(dom):
+                    with calls.session(dom):
                         pass
                     log.info("checkpoints and interrupted operations reconciled in %.1f s",
                              time.monotonic() - started)

@@ -5,7 +5,7 @@ Snapshots, the NBD server and its exports live only as long as the qemu
 process, so they are stored in the LIVE metadata (which libvirt drops when
 qemu stops). Each record carries a ``state``: ``creating`` and ``deleting``
 mark work in progress, which the next call on the domain finishes or undoes
-(see :mod:`.reconcile`).
+(see :mod:`.steps.reconcile`).
 
 Document (validated against ``xml-metadata/metadata.rng``)::
 

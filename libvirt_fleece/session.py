@@ -1,10 +1,10 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
-"""One API call's hold on a domain: validation, the lock, the state, the cleanup.
+"""One call's hold on a domain: validation, the lock, the state and saving it.
 
-Every public call runs inside :func:`open_session`, which checks the domain,
-takes the domain's lock, loads the state from the metadata and first
-finishes or undoes whatever an earlier, interrupted call left recorded as
-in progress (:mod:`.reconcile`).
+:func:`open_session` checks the domain, takes the domain's lock and loads the
+state from the metadata (an unusable document gives an empty state, marked
+``repaired``). It does nothing else: public calls open theirs through
+:func:`.calls.session`, which first finishes interrupted work.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from typing import Iterator
 
 import libvirt
 
-from . import config, errors, lock, metadata, qmp, virt
+from . import config, errors, lock, metadata, virt
+from .qemu import qmp
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,6 @@ def open_session(dom: libvirt.virDomain) -> Iterator[Session]:
             log.error("domain %s: the plugin's metadata is unusable (%s); rebuilding it from "
                       "qemu and the images", dom.name(), e)
             sess = Session(dom=dom, cfg=cfg, state=metadata.State(), uuid=uuid, repaired=True)
-        from . import reconcile as _reconcile
-        sess.report = _reconcile.finish_interrupted(sess)
         if sess.repaired:
-            sess.report.insert(0, "the stored metadata was unusable and was rebuilt")
+            sess.report.append("the stored metadata was unusable and was rebuilt")
         yield sess

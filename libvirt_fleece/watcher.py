@@ -2,7 +2,7 @@
 """The per-domain watcher: acts on qemu's BLOCK_WRITE_THRESHOLD while nobody calls the plugin.
 
 A snapshot with a size limit arms qemu's write threshold on its fleece
-images (:mod:`.health`). qemu reports crossing it with a QMP event, which
+images (:mod:`.steps.health`). qemu reports crossing it with a QMP event, which
 only a process listening at that moment receives. So creating a limited
 snapshot makes sure one detached watcher per domain runs (a ``flock`` on
 ``<state_dir>/<uuid>.watcher`` keeps it single): it listens through
@@ -77,7 +77,8 @@ def main(uri: str, domain_uuid: str) -> int:
     import libvirt
     import libvirt_qemu
 
-    from . import config, reconcile
+    from . import config
+    from . import calls
     handler = logging.handlers.SysLogHandler("/dev/log") if os.path.exists("/dev/log") \
         else logging.StreamHandler()
     logging.basicConfig(level=logging.INFO, handlers=[handler],
@@ -118,7 +119,7 @@ def main(uri: str, domain_uuid: str) -> int:
                         pending[-1].get("node-name"))
             pending.clear()
             try:
-                for line in reconcile.repair(dom):
+                for line in calls.repair(dom):
                     log.warning("domain %s: %s", dom.name(), line)
             except Exception:  # noqa: BLE001 - keep watching; the next call retries
                 log.exception("domain %s: could not break the snapshot", dom.name())

@@ -17,9 +17,9 @@ import libvirt_qemu
 import pytest
 
 import libvirt_fleece as lf
-from libvirt_fleece import backup as bk
-from libvirt_fleece import backup_manifest as mf
-from libvirt_fleece.backup_dir import BackupDir
+from libvirt_fleece.backup import run as bk
+from libvirt_fleece.backup import manifest as mf
+from libvirt_fleece.backup.dir import BackupDir
 from conftest import plugin_leftovers
 from vm import expected_image
 

@@ -12,9 +12,9 @@ import subprocess
 
 import pytest
 
-from libvirt_fleece import backup_copy as bc
-from libvirt_fleece import backup_digest as bd
-from libvirt_fleece import backup_manifest as mf
+from libvirt_fleece.backup import copy as bc
+from libvirt_fleece.backup import digest as bd
+from libvirt_fleece.backup import manifest as mf
 from libvirt_fleece import errors
 
 K = 1024

@@ -12,10 +12,10 @@ import subprocess
 import pytest
 
 import libvirt_fleece
-from libvirt_fleece import backup as bk
-from libvirt_fleece import backup_manifest as mf
-from libvirt_fleece import backup_writer as bw
-from libvirt_fleece import cli_backup
+from libvirt_fleece.backup import run as bk
+from libvirt_fleece.backup import manifest as mf
+from libvirt_fleece.backup import writer as bw
+from libvirt_fleece.cli import backup as cli_backup
 
 SHA = "ab" * 32
 W = mf.Writer

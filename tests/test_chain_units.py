@@ -16,7 +16,8 @@ import os
 
 import pytest
 
-from libvirt_fleece import chains, checkpoints
+from libvirt_fleece.qemu import chains
+from libvirt_fleece.steps import checkpoint as checkpoints
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 C1 = "fleece-cp.18ece459bdb06fc8.4000000.c1"

@@ -17,8 +17,9 @@ import libvirt_qemu
 import pytest
 
 import libvirt_fleece as lf
-from libvirt_fleece import backup as bk
-from libvirt_fleece import checkpoints, metadata
+from libvirt_fleece.backup import run as bk
+from libvirt_fleece import metadata
+from libvirt_fleece.steps import checkpoint as checkpoints
 from conftest import plugin_leftovers
 from test_checkpoints import changed, delete_everything, export, names, snap, writes
 from vm import MiB, clusters, expected_image, read_export

@@ -4,15 +4,16 @@ which frozen copy of a snapshot stands for which checkpoint, and what a deletion
 
 from __future__ import annotations
 
-from libvirt_fleece import bitmaps, checkpoints
-from libvirt_fleece.checkpoints import Checkpoint, CheckpointDisk
+from libvirt_fleece.qemu import bitmaps, names
+from libvirt_fleece.steps import checkpoint as checkpoints
+from libvirt_fleece.steps.checkpoint import Checkpoint, CheckpointDisk
 from libvirt_fleece.metadata import DiskRecord, SnapshotRecord
 
 TOP = "libvirt-1-format"
 
 
 def entry(seq: int, recording: bool) -> CheckpointDisk:
-    name = bitmaps.checkpoint_bitmap_name(seq, 1 << 26, f"c{seq}")
+    name = names.checkpoint_bitmap(seq, 1 << 26, f"c{seq}")
     return CheckpointDisk(disk="vda", bitmap=name, seq=seq, size=1 << 26, node=TOP,
                           recording=recording, top=TOP)
 
@@ -23,16 +24,15 @@ def cps(*entries: CheckpointDisk) -> list[Checkpoint]:
 
 def disk(anchor: int, older: list[int]) -> DiskRecord:
     return DiskRecord(name="vda", file="/x", qdev="q", base=TOP, below=TOP,
-                      fleece_node="fleece-1-fl", filter_node="fleece-1-cbw",
-                      access_node="fleece-1-acc", fdset=1, capacity=1 << 26,
-                      anchor_seq=anchor, frozen="fleece-1-frz",
+                      **names.disk_node_names("1", 0), fdset=1, capacity=1 << 26,
+                      anchor_seq=anchor, frozen="fleece-1-0-frz",
                       frozen_seqs=" ".join(f"{s:x}" for s in older) or None)
 
 
 def test_frozen_copies_keep_the_0_2_anchor_and_add_the_older_ones():
-    assert checkpoints.frozen_copies(disk(3, [])) == {3: "fleece-1-frz"}
+    assert checkpoints.frozen_copies(disk(3, [])) == {3: "fleece-1-0-frz"}
     assert checkpoints.frozen_copies(disk(0x30, [0x10, 0x20])) == {
-        0x30: "fleece-1-frz", 0x10: "fleece-1-frz.10", 0x20: "fleece-1-frz.20"}
+        0x30: "fleece-1-0-frz", 0x10: "fleece-1-0-frz.10", 0x20: "fleece-1-0-frz.20"}
     d = disk(3, [])
     d.frozen = None
     assert checkpoints.frozen_copies(d) == {}
@@ -76,7 +76,7 @@ def test_deleting_the_anchor_above_a_stopped_predecessor_hands_the_copy_down():
     a, b = entry(1, False), entry(2, True)
     s = snapshot(disk(2, []))
     actions = checkpoints.delete_actions([s], cps(a, b), cps(a, b)[1])
-    assert actions == [bitmaps.merge(TOP, "fleece-1-frz", [a.bitmap]),
+    assert actions == [bitmaps.merge(TOP, "fleece-1-0-frz", [a.bitmap]),
                        bitmaps.merge(TOP, a.bitmap, [b.bitmap]),
                        bitmaps.enable(TOP, a.bitmap),
                        bitmaps.remove(TOP, b.bitmap)]
@@ -96,13 +96,14 @@ def test_a_frozen_copy_is_completed_by_the_snapshots_delta():
     assert checkpoints.union_sources([a, b], 1, {1: "f1", 2: "f2"}, "d") == ["f1", "d"]
     assert checkpoints.union_sources([a, b], 1, {}, "d") == [a.bitmap]     # no copy, no delta
     d = disk(2, [1])
-    d.frozen_delta = "fleece-1-frz.d"
-    assert checkpoints.frozen_bitmaps(d) == ["fleece-1-frz", "fleece-1-frz.1", "fleece-1-frz.d"]
+    d.frozen_delta = "fleece-1-0-frz.d"
+    assert checkpoints.frozen_bitmaps(d) == [
+        "fleece-1-0-frz", "fleece-1-0-frz.1", "fleece-1-0-frz.d"]
 
 
 def live(fmt: str = "qcow2"):
     from libvirt_fleece.disks import DomainDisk
-    from libvirt_fleece.livedisks import LiveDisk
+    from libvirt_fleece.steps.livedisks import LiveDisk
     d = DomainDisk(target="vda", alias="virtio-disk0", type="file", device="disk",
                    format=fmt, source="/x", readonly=False, shareable=False)
     return {"vda": LiveDisk(disk=d, qdev="q", top=TOP, base=TOP, capacity=1 << 26)}
@@ -125,13 +126,13 @@ def test_the_copies_are_made_before_the_instant_and_only_the_delta_stops_at_it()
     rec = planned()
     before, instant = checkpoints.plan_snapshot("d", rec, live(), cps(a, b), True)
     d = rec.disks[0]
-    assert (d.anchor_seq, d.frozen, d.frozen_seqs) == (2, "fleece-1-frz", "1")
-    assert before[0] == bitmaps.add(TOP, "fleece-1-frz.d")              # delta first
-    assert before[1:] == [bitmaps.add(TOP, "fleece-1-frz.1", disabled=True),
-                          bitmaps.merge(TOP, "fleece-1-frz.1", [a.bitmap]),
-                          bitmaps.add(TOP, "fleece-1-frz", disabled=True),
-                          bitmaps.merge(TOP, "fleece-1-frz", [b.bitmap])]
-    assert instant[0] == bitmaps.disable(TOP, "fleece-1-frz.d")
+    assert (d.anchor_seq, d.frozen, d.frozen_seqs) == (2, "fleece-1-0-frz", "1")
+    assert before[0] == bitmaps.add(TOP, "fleece-1-0-frz.d")              # delta first
+    assert before[1:] == [bitmaps.add(TOP, "fleece-1-0-frz.1", disabled=True),
+                          bitmaps.merge(TOP, "fleece-1-0-frz.1", [a.bitmap]),
+                          bitmaps.add(TOP, "fleece-1-0-frz", disabled=True),
+                          bitmaps.merge(TOP, "fleece-1-0-frz", [b.bitmap])]
+    assert instant[0] == bitmaps.disable(TOP, "fleece-1-0-frz.d")
     assert instant[1]["type"] == "block-dirty-bitmap-add" and \
         instant[1]["data"]["name"].endswith(".s") and instant[1]["data"]["persistent"]
     assert len(instant) == 2                                 # nothing else in the pause
@@ -143,7 +144,7 @@ def test_checkpoints_0_2_stopped_get_no_copy():
     before, _ = checkpoints.plan_snapshot("d", rec, live(), cps(a, b), False)
     assert rec.disks[0].frozen_seqs is None
     assert [x["data"]["name"] for x in before if x["type"] == "block-dirty-bitmap-add"] == \
-        ["fleece-1-frz.d", "fleece-1-frz"]
+        ["fleece-1-0-frz.d", "fleece-1-0-frz"]
 
 
 def test_a_checkpoint_on_a_raw_disk_or_a_taken_name_is_refused_clearly():

@@ -12,7 +12,7 @@ import libvirt
 import pytest
 
 import libvirt_fleece as lf
-from libvirt_fleece import checkpoints
+from libvirt_fleece.steps import checkpoint as checkpoints
 from conftest import plugin_leftovers
 from vm import MiB, clusters, dirty_clusters, expected_image, read_export
 

@@ -20,7 +20,10 @@ from lxml import etree
 import libvirt_fleece as lf
 import vm as testvm
 from conftest import plugin_leftovers
-from libvirt_fleece import bitmaps, checkpoints, cli, cliformat, documents, errors, units, xmlutil
+from libvirt_fleece.qemu import bitmaps, names
+from libvirt_fleece import documents, errors, units, xmlutil
+from libvirt_fleece.steps import checkpoint as checkpoints
+from libvirt_fleece.cli import commands as cli, format as cliformat
 
 MiB = 1 << 20
 
@@ -433,7 +436,7 @@ def vm(make_cli_vm):
 def fleece_bitmaps(dom) -> list[str]:
     """The plugin's dirty bitmaps still in qemu."""
     return sorted(b.name for bs in bitmaps.by_node(dom).values() for b in bs
-                  if b.name.startswith(bitmaps.TEMP_PREFIX))
+                  if b.name.startswith(names.TEMP_BITMAP_PREFIX))
 
 
 def dirty_extents(uri: str, context: str) -> list[tuple[int, int]]:

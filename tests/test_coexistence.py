@@ -296,7 +296,7 @@ def test_a_concluded_undismissed_job_makes_the_plugin_wait_not_crash_qemu(conn, 
     import threading
     import time
     import libvirt_qemu
-    from libvirt_fleece import qmp
+    from libvirt_fleece.qemu import qmp
     name = f"fleecetest-settle-{secrets.token_hex(4)}"
     d = f"/var/lib/libvirt/images/{name}"
     dom = None

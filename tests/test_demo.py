@@ -15,7 +15,7 @@ import pytest
 from lxml import etree
 
 import vm as testvm
-from libvirt_fleece import demo
+from libvirt_fleece.cli import demo
 
 MiB = 1 << 20
 

@@ -217,7 +217,7 @@ COMMANDS = _commands()
 
 
 def _parser():
-    from libvirt_fleece import cli
+    from libvirt_fleece.cli import commands as cli
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
     return cli, parser, sub.choices

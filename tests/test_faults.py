@@ -14,7 +14,8 @@ import libvirt
 import pytest
 
 import libvirt_fleece as lf
-from libvirt_fleece import bitmaps, metadata
+from libvirt_fleece.qemu import bitmaps, names
+from libvirt_fleece import metadata
 from libvirt_fleece.faults import ENV, KILL_POINTS
 from conftest import plugin_leftovers
 from vm import MiB, TestVM, expected_image, read_export
@@ -59,7 +60,7 @@ def assert_bitmaps(t, expected, frozen=0):
     found = {}
     for bs in bitmaps.by_node(t.dom).values():
         for b in bs:
-            parsed = bitmaps.parse_checkpoint_bitmap(b.name)
+            parsed = names.parse_checkpoint_bitmap(b.name)
             if parsed and parsed[2] in ("base", "k") and b.node.endswith("format"):
                 found.setdefault(parsed[2], b.recording)
             elif b.name.startswith("fleece-") and not b.name.startswith("fleece-cp."):

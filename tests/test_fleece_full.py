@@ -3,7 +3,7 @@
 
 On the snapshot-access read path (QEMU 8.0+) the guest writes on and the
 snapshot's reads fail. On the overlay read path (QEMU 7.2, see
-libvirt_fleece/readpath.py) every snapshot has a size limit that fits in the
+libvirt_fleece/qemu/readpath.py) every snapshot has a size limit that fits in the
 free space, the watcher breaks it at the limit, and a guest write fails only
 when something else fills the filesystem first. The overlay tests force that
 path with ``read_path: overlay``, so they run on every QEMU.
@@ -22,7 +22,8 @@ import nbd
 import pytest
 
 import libvirt_fleece as lf
-from libvirt_fleece import config, readpath
+from libvirt_fleece import config
+from libvirt_fleece.qemu import readpath
 from conftest import plugin_leftovers
 from vm import MiB
 

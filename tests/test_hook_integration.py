@@ -20,7 +20,8 @@ import pytest
 from lxml import etree
 
 import libvirt_fleece as lf
-from libvirt_fleece import checkpoints, config, fleecefile, hook, hookinstall, metadata
+from libvirt_fleece import config, fleecefile, hook, hookinstall, metadata
+from libvirt_fleece.steps import checkpoint as checkpoints
 from vm import MiB, TestVM, expected_image, read_export, restart_libvirtd, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.serial]

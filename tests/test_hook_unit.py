@@ -19,7 +19,9 @@ import time
 
 import pytest
 
-from libvirt_fleece import checkpoints, cli, cli_hook, fleecefile, hook, hookinstall, metadata
+from libvirt_fleece import fleecefile, hook, hookinstall, metadata
+from libvirt_fleece.steps import checkpoint as checkpoints
+from libvirt_fleece.cli import commands as cli, hook as cli_hook
 
 UUID = "6c1d2f6e-8a55-4c3e-9b1a-0123456789ab"
 OTHER_UUID = "0b7f5a9e-1111-4222-8333-444455556666"

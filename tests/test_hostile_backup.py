@@ -24,11 +24,12 @@ import time
 
 import pytest
 
-from libvirt_fleece import backup as bk
-from libvirt_fleece import backup_digest as bd
-from libvirt_fleece import backup_manifest as mf
-from libvirt_fleece import backup_state, errors, faults
-from libvirt_fleece.backup_dir import BackupDir, UnsafeFile
+from libvirt_fleece.backup import run as bk
+from libvirt_fleece.backup import digest as bd
+from libvirt_fleece.backup import manifest as mf
+from libvirt_fleece.backup import state as backup_state
+from libvirt_fleece import errors, faults
+from libvirt_fleece.backup.dir import BackupDir, UnsafeFile
 
 pytestmark = pytest.mark.hostile_backup
 

@@ -9,7 +9,8 @@ import re
 import pytest
 
 import libvirt_fleece as lf
-from libvirt_fleece import config, readpath
+from libvirt_fleece import config
+from libvirt_fleece.qemu import readpath
 from conftest import plugin_leftovers
 from vm import MiB, expected_image, read_export
 
@@ -81,7 +82,7 @@ def test_a_snapshot_access_snapshot_from_an_older_version_is_not_exported_where_
     state = metadata.load(t.dom)
     rec = state.snapshots[0]
     rec.readpath = readpath.SNAPSHOT_ACCESS                 # as 0.1.x made it
-    from libvirt_fleece import blockgraph
+    from libvirt_fleece.qemu import blockgraph
     blockgraph.add_access(t.dom, rec.disks[0].access_node, rec.disks[0].filter_node)
     metadata.save(t.dom, state)
     with pytest.raises(lf.OperationInvalid, match="serves live data"):

@@ -10,7 +10,9 @@ import types
 
 import pytest
 
-from libvirt_fleece import config, errors, metadata, readpath, snapshots
+from libvirt_fleece import config, errors, metadata
+from libvirt_fleece.steps import snapshot as snapshots
+from libvirt_fleece.qemu import readpath
 from libvirt_fleece.metadata import DiskRecord, SnapshotRecord
 
 

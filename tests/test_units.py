@@ -213,7 +213,8 @@ def test_resume_left_paused_tolerates_the_guard_resuming_first(tmp_path, monkeyp
 
     import libvirt
 
-    from libvirt_fleece import errors, pauseguard, reconcile, virt
+    from libvirt_fleece import errors, pauseguard, virt
+    from libvirt_fleece.steps import reconcile
 
     states = [(libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_USER),
               (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_UNPAUSED)]
