@@ -38,7 +38,7 @@ import libvirt  # noqa: E402
 import libvirt_qemu  # noqa: E402
 
 import libvirt_fleece as lf  # noqa: E402
-from libvirt_fleece.backup import run as bk  # noqa: E402
+from libvirt_fleece import backup as bk  # noqa: E402
 import vm as vmlib  # noqa: E402
 
 MiB = 1 << 20

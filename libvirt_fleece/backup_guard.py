@@ -14,7 +14,7 @@ import logging
 import sys
 
 from .backup.dir import BackupDir
-from .backup.run import recover
+from .backup.recovery import recover
 
 log = logging.getLogger(__name__)
 

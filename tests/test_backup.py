@@ -17,7 +17,8 @@ import libvirt_qemu
 import pytest
 
 import libvirt_fleece as lf
-from libvirt_fleece.backup import run as bk
+from libvirt_fleece import backup as bk
+from libvirt_fleece.backup import recovery
 from libvirt_fleece.backup import manifest as mf
 from libvirt_fleece.backup.dir import BackupDir
 from conftest import plugin_leftovers
@@ -262,7 +263,7 @@ def test_next_run_cleans_up_when_the_guard_died_too(make_vm, target):
     journal = mf.Journal(uri="qemu:///system", domain_uuid=t.dom.UUIDString(), snapshot=name,
                          checkpoint=name, parts=["vda.0001.qcow2.part"])
     with BackupDir(target) as bdir:     # as the run did: the root-only record, then the hint
-        bk._save_journal(bdir, journal)
+        recovery.save_journal(bdir, journal)
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2",
                     os.path.join(target, "vda.0001.qcow2.part"), "64M"], check=True)
     t.write("vda", 0x77, 0, MiB)

@@ -12,7 +12,8 @@ import subprocess
 import pytest
 
 import libvirt_fleece
-from libvirt_fleece.backup import run as bk
+from libvirt_fleece import backup as bk
+from libvirt_fleece.backup import readback, run
 from libvirt_fleece.backup import manifest as mf
 from libvirt_fleece.backup import writer as bw
 from libvirt_fleece.cli import backup as cli_backup
@@ -186,29 +187,29 @@ def test_verify_report_carries_warnings_and_the_cli_exits_0(tmp_path, capsys, mo
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2",
                         str(tmp_path / mf.file_name("vda", i)), str(1 << 20)], check=True)
         os.chmod(tmp_path / mf.file_name("vda", i), 0o600)
-    monkeypatch.setattr(bk, "_check_image", lambda where, d, opened: [])
-    monkeypatch.setattr(bk, "_matches", lambda d, path: True)
+    monkeypatch.setattr(readback, "_check_image", lambda where, d, opened: [])
+    monkeypatch.setattr(readback, "_matches", lambda d, path: True)
     report = bk.verify(str(tmp_path))
     assert report.ok and len(report.warnings) == 1 and "point 0" in report.warnings[0]
     rc, out = run_cli(cli_backup.cmd_verify, tmp_path, capsys)
     assert rc == 0
     assert out.splitlines()[0].startswith("WARNING: point 0 (vda, ")
     assert "All 2 files match the manifest; 1 point(s) cannot be proven right" in out
-    monkeypatch.setattr(bk, "_matches", lambda d, path: d.file != "vda.0001.qcow2")
+    monkeypatch.setattr(readback, "_matches", lambda d, path: d.file != "vda.0001.qcow2")
     rc, out = run_cli(cli_backup.cmd_verify, tmp_path, capsys)
     assert rc == 1 and "FAILED: point 1 disk vda" in out and "WARNING: point 0" in out
 
 
 def test_read_path_of_the_exports():
-    assert bk._read_path({"vda": {}, "vdb": {"bitmap": "b"}}) is None         # not recorded
-    assert bk._read_path({"vda": {"readPath": "overlay"},
+    assert run._read_path({"vda": {}, "vdb": {"bitmap": "b"}}) is None         # not recorded
+    assert run._read_path({"vda": {"readPath": "overlay"},
                           "vdb": {"readPath": "overlay"}}) == "overlay"
-    assert bk._read_path({"vdb": {"readPath": "snapshot-access"},
+    assert run._read_path({"vdb": {"readPath": "snapshot-access"},
                           "vda": {"readPath": "overlay"}}) == \
         "vda=overlay, vdb=snapshot-access"
-    assert bk._read_path({"vda": {"readPath": "overlay"}, "vdb": {}}) == \
+    assert run._read_path({"vda": {"readPath": "overlay"}, "vdb": {}}) == \
         "vda=overlay, vdb=unknown"
-    assert bk._bitmaps({"vda": {"bitmap": "bm0"}, "vdb": {}}) == {"vda": "bm0"}
+    assert run._bitmaps({"vda": {"bitmap": "bm0"}, "vdb": {}}) == {"vda": "bm0"}
 
 
 def test_version_is_0_3_0_and_newer_than_the_fixed_one():

@@ -17,7 +17,7 @@ import libvirt_qemu
 import pytest
 
 import libvirt_fleece as lf
-from libvirt_fleece.backup import run as bk
+from libvirt_fleece import backup as bk
 from libvirt_fleece import metadata
 from libvirt_fleece.steps import checkpoint as checkpoints
 from conftest import plugin_leftovers

@@ -39,7 +39,7 @@ import libvirt_qemu
 import pytest
 
 import libvirt_fleece as lf
-from libvirt_fleece.backup import run as bk
+from libvirt_fleece import backup as bk
 from conftest import plugin_leftovers
 from test_checkpoints import changed
 from vm import MiB, TestVM, clusters, expected_image, kvm_usable, read_export, wait_for

@@ -27,7 +27,7 @@ import pytest
 from lxml import etree
 
 import libvirt_fleece as lf
-from libvirt_fleece.backup import run as bk
+from libvirt_fleece import backup as bk
 from libvirt_fleece import snapshots as snapshots_mod
 from conftest import plugin_leftovers
 from vm import dirty_clusters

@@ -24,7 +24,8 @@ import time
 
 import pytest
 
-from libvirt_fleece.backup import run as bk
+from libvirt_fleece import backup as bk
+from libvirt_fleece.backup import files as backup_files, readback
 from libvirt_fleece.backup import digest as bd
 from libvirt_fleece.backup import manifest as mf
 from libvirt_fleece.backup import state as backup_state
@@ -516,7 +517,7 @@ def test_a_link_renamed_over_a_named_restore_temporary_redirects_nothing(host, m
     os.chmod(host.out, 0o755)
     host.before = host.snapshot()
     stops = tempfile.mkdtemp(dir=host.private)
-    monkeypatch.setattr(bk, "_new_file", bk._new_named_file)
+    monkeypatch.setattr(readback, "_new_file", readback._new_named_file)
     monkeypatch.setenv(faults.STOP_ENV, "restore:target-created")
     monkeypatch.setenv(faults.STOP_DIR_ENV, stops)
     to = os.path.join(host.out, "vda.raw")
@@ -570,7 +571,7 @@ def test_images_readable_by_others_are_tightened_and_backup_group_grants_read(
     image = os.path.join(host.dir, mf.file_name("vda", 0))
     os.chmod(image, 0o644)
     with BackupDir(host.dir) as bdir:
-        bk._tighten(bdir, mf.load(bdir))
+        backup_files.tighten(bdir, mf.load(bdir))
     assert os.stat(image).st_mode & 0o777 == 0o600
     cfg = tmp_path / "config.yaml"
     cfg.write_text("backup_group: nogroup\n")

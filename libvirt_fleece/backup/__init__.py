@@ -10,18 +10,22 @@
     backup.verify("/srv/backup/web1").ok
 
 The modules: :mod:`.run` (the mode decision and the run: snapshot, export,
-copy, teardown; recover, info, verify, restore), :mod:`.copy` (the NBD
-readers and the thread fan-out), :mod:`.digest`, :mod:`.manifest` (the
-directory's record), :mod:`.dir` (safe file access in a directory others
-may control), :mod:`.chain` (opening a point's qcow2 chain), :mod:`.progress`,
-:mod:`.state`, :mod:`.writer` and :mod:`.guard` (the detached clean-up process).
+the copies in parallel, teardown), :mod:`.readback` (info, verify, restore),
+:mod:`.recovery` (finishing or undoing an interrupted run), :mod:`.copy` (the
+NBD readers and writers), :mod:`.digest`, :mod:`.manifest` (the directory's
+record), :mod:`.dir` (safe file access in a directory others may control),
+:mod:`.files` (modes and limits of what a backup writes), :mod:`.chain`
+(opening a point's qcow2 chain), :mod:`.progress`, :mod:`.state`,
+:mod:`.writer` and :mod:`.guard` (the detached clean-up process).
 """
 
 from .copy import Cancelled, CopyError
 from .manifest import BackupBusy, BackupCorrupt, BackupTargetError
 from .progress import ProgressEvent
-from .run import (BackupResult, NoValidChain, VerifyReport, backup, info, point_warnings,
-                  recover, restore, verify)
+from .readback import VerifyReport, info, restore, verify
+from .recovery import recover
+from .run import BackupResult, NoValidChain, backup
+from .writer import point_warnings
 
 __all__ = ["backup", "restore", "info", "verify", "recover", "point_warnings", "BackupResult",
            "VerifyReport", "BackupTargetError", "BackupBusy", "BackupCorrupt", "NoValidChain",

@@ -1,33 +1,21 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
-"""Full and incremental backups of running domains, on the plugin's public API.
-
-::
-
-    from libvirt_fleece import backup
-    result = backup.backup(dom, "/srv/backup/web1")            # full, then incremental
-    backup.restore("/srv/backup/web1", "vda", "/tmp/vda.qcow2", point=0)
-    backup.info("/srv/backup/web1").points
-    backup.verify("/srv/backup/web1").ok
-    backup.point_warnings(backup.info("/srv/backup/web1"))     # points to take again
+"""One backup run: decide full or incremental, snapshot, export, copy, tear down.
 
 Each backup takes a block snapshot with a checkpoint (named
 ``backup-<UTC time>``), exports it read-only on a unix socket in a fresh
-root-only directory, copies the data (:mod:`.copy`) and tears the
-export and snapshot down again, on errors, Ctrl-C and SIGTERM too; a
-detached guard (:mod:`.guard`) does it if the process is killed.
-The checkpoint stays: it is the base of the next incremental backup. Older
-checkpoints are not deleted (each costs a bitmap of about 2 MiB per TiB of
-disk in the image); delete them with ``blockCheckpointList`` /
-``BlockCheckpoint.delete`` or ``virsh-fleece blockcheckpoint-delete`` when
-you no longer want incrementals from them. Only the newest point's
-checkpoint is needed for the next incremental.
+root-only directory, copies the data (:mod:`.copy`, one thread per disk) and
+tears the export and snapshot down again, on errors, Ctrl-C and SIGTERM too;
+a detached guard (:mod:`.guard`) does it if the process is killed
+(:mod:`.recovery`). The checkpoint stays: it is the base of the next
+incremental backup. Older checkpoints are not deleted (each costs a bitmap
+of about 2 MiB per TiB of disk in the image); delete them with
+``blockCheckpointList`` / ``BlockCheckpoint.delete`` or ``virsh-fleece
+blockcheckpoint-delete`` when you no longer want incrementals from them.
 
 Each point records what wrote it (plugin and qemu version, read path; see
-:mod:`.writer`); ``info`` callers and ``verify`` get a warning for each
-point an affected version wrote, and ``auto`` takes a full backup rather than
-build on such a point.
-
-The directory layout is described in :mod:`.manifest`.
+:mod:`.writer`); ``auto`` takes a full backup rather than build on a point
+an affected version wrote. The directory layout is described in
+:mod:`.manifest`.
 """
 
 from __future__ import annotations
@@ -39,7 +27,6 @@ import logging
 import os
 import shutil
 import signal
-import stat
 import tempfile
 import threading
 import time
@@ -50,19 +37,18 @@ import libvirt
 from lxml import etree
 
 from .. import __version__
-from . import copy as backup_copy, state as backup_state
-from .. import checkpoints, config, disks as disklib, errors, exports, faults, snapshots, virt
+from . import copy as backup_copy, files, recovery
+from .. import checkpoints, disks as disklib, errors, exports, faults, snapshots, virt
 from ..qemu import readpath, tools
-from .copy import CopyError
-from .chain import OpenChain, spec as chain_spec
-from .digest import LayerDigest, digest_file
-from .dir import BackupDir, UnsafeFile, fd_path
+from .chain import OpenChain
+from .digest import LayerDigest
+from .dir import BackupDir, fd_path
 from .guard import Guard
-from .manifest import (BackupCorrupt, BackupTargetError, DirLock, DiskEntry, Journal, Manifest,
-                       Point, Writer)
+from .manifest import (BackupTargetError, DirLock, DiskEntry, Journal, Manifest, Point,
+                       Writer)
 from .progress import Counter, ProgressCallback, ProgressEvent
 from ..units import human_size
-from .writer import point_warnings, suspect_reason
+from .writer import suspect_reason
 from . import manifest as mf
 
 if TYPE_CHECKING:
@@ -91,20 +77,6 @@ class BackupResult:
     @property
     def copied(self) -> int:
         return sum(d.copied for d in self.point.disks)
-
-
-@dataclasses.dataclass
-class VerifyReport:
-    """``problems``: files that do not match the manifest (``ok`` is False).
-    ``warnings``: points whose files match but that an affected version wrote
-    (:func:`point_warnings`); they do not make the report fail."""
-    checked: list[str]
-    problems: list[str]
-    warnings: list[str] = dataclasses.field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
 
 
 # --- deciding what to do -------------------------------------------------------------
@@ -326,7 +298,7 @@ def _backup_in(dom: libvirt.virDomain, bdir: BackupDir, mode: str,
     directory = bdir.path
     lock = DirLock(bdir, wait=30.0)
     try:
-        recover(bdir, dom.connect())
+        recovery.recover(bdir, dom.connect())
         manifest = mf.load(bdir)
         uuid = dom.UUIDString()
         if manifest is not None and manifest.domain_uuid != uuid:
@@ -344,7 +316,7 @@ def _backup_in(dom: libvirt.virDomain, bdir: BackupDir, mode: str,
             manifest = Manifest(domain_name=dom.name(), domain_uuid=uuid)
         chosen = _domain_disks(dom, disks)
         mode, reason, base = _decide(dom, bdir, manifest, chosen, mode)
-        _tighten(bdir, manifest)
+        files.tighten(bdir, manifest)
         _say(progress, f"{mode} backup of {dom.name()} ({', '.join(d.name for d in chosen)}): "
                        f"{reason}")
         with _sigterm_as_interrupt():
@@ -370,7 +342,7 @@ def _run(dom: libvirt.virDomain, bdir: BackupDir, manifest: Manifest, disks: lis
                       snapshot=name, checkpoint=name,
                       parts=[mf.file_name(d.name, index, part=True) for d in disks],
                       started=time.time())
-    _save_journal(bdir, journal)
+    recovery.save_journal(bdir, journal)
     faults.stoppoint("backup:journal-saved")
     sockdir = tempfile.mkdtemp(prefix="libvirt-fleece-backup-")     # mode 0700
     sock = os.path.join(sockdir, "nbd.sock")
@@ -388,7 +360,7 @@ def _run(dom: libvirt.virDomain, bdir: BackupDir, manifest: Manifest, disks: lis
                     raise
                 name = f"{NAME_PREFIX}{stamp}.{attempt}"
                 journal.snapshot = journal.checkpoint = name
-                _save_journal(bdir, journal)
+                recovery.save_journal(bdir, journal)
         exports.start(dom, _export_xml(sock, name, disks, base))
         exported = _exported(dom, name)
         bitmaps = _bitmaps(exported) if base is not None else {}
@@ -398,7 +370,7 @@ def _run(dom: libvirt.virDomain, bdir: BackupDir, manifest: Manifest, disks: lis
                             in_flight)
         t_copy = time.monotonic()
         dom = _alive(dom, journal)
-        _teardown(dom, name)
+        recovery.teardown(dom, name)
         log.debug("backup %s: set-up %.2f s, copy %.2f s, teardown %.2f s",
                   name, t_setup - started, t_copy - t_setup, time.monotonic() - t_copy)
         point = Point(index=index, time=when, mode=mode, checkpoint=name, disks=entries,
@@ -410,7 +382,7 @@ def _run(dom: libvirt.virDomain, bdir: BackupDir, manifest: Manifest, disks: lis
         for e in entries:
             bdir.rename(e.file + ".part", e.file)
         bdir.fsync()
-        _remove_journal(bdir)
+        recovery.remove_journal(bdir)
         _say(progress, f"point {index} ({mode}) done: {_human(point_copied(point))} copied "
                        f"in {point.duration:.1f} s")
         return point
@@ -419,7 +391,7 @@ def _run(dom: libvirt.virDomain, bdir: BackupDir, manifest: Manifest, disks: lis
             raise
         log.info("backup of %s failed; cleaning up", dom.name())
         try:
-            _cleanup(_alive(dom, journal), bdir, journal, delete_checkpoint=True)
+            recovery.cleanup(_alive(dom, journal), bdir, journal, delete_checkpoint=True)
         except Exception:  # noqa: BLE001 - the guard / next run retries; keep the cause
             log.exception("cleaning up after the failed backup failed; the next backup "
                           "into %s retries", bdir.path)
@@ -466,15 +438,15 @@ def _copy_all(bdir: BackupDir, manifest: Manifest, disks: list[_Disk], index: in
                     raise errors.InternalError(f"point {base.index} has no disk {d.name!r}")
                 backing = base_disk.file
             chain = manifest.chain(base, d.name) if base is not None else []
-            fd = bdir.create(file + ".part", _image_mode())     # O_EXCL, never a link
+            fd = bdir.create(file + ".part", files.image_mode())     # O_EXCL, never a link
             try:
-                _own_image(fd)
+                files.own_image(fd)
                 args = ["create", "-q", "-f", "qcow2", "-u",
                         "-o", f"cluster_size={backup_copy.CLUSTER}"]
                 if backing:
                     args += ["-b", backing, "-F", "qcow2"]     # the name, for qemu-img users
                 tools.qemu_img(args + [fd_path(fd), str(d.size)])
-                with OpenChain(bdir, chain, _max_size(), top_fd=fd) as opened:
+                with OpenChain(bdir, chain, files.max_size(), top_fd=fd) as opened:
                     dst = backup_copy.connect_target(opened.address)
                     digest = LayerDigest()
                     try:
@@ -529,337 +501,4 @@ def _alive(dom: libvirt.virDomain, journal: Journal) -> libvirt.virDomain:
         raise virt.translate(e, f"cannot reach the domain again at {journal.uri}") from e
 
 
-def _teardown(dom: libvirt.virDomain, name: str) -> None:
-    """Stop the snapshot's exports and delete it; tolerate it being gone."""
-    try:
-        snapshots.BlockSnapshot(dom, name).delete(        # one call, not lookup + delete
-            snapshots.VIR_DOMAIN_BLOCK_SNAPSHOT_DELETE_STOP_EXPORTS)
-    except errors.NotFound:
-        pass
-
-
-def _cleanup(dom: Optional[libvirt.virDomain], bdir: BackupDir, journal: Journal,
-             delete_checkpoint: bool) -> None:
-    """Undo what the journal names: snapshot (with exports), checkpoint, .part files."""
-    if dom is not None and dom.isActive():
-        if journal.snapshot:
-            _teardown(dom, journal.snapshot)
-        if delete_checkpoint and journal.checkpoint:
-            try:
-                cp = checkpoints.lookup(dom, journal.checkpoint)
-                created = etree.fromstring(cp.getXMLDesc().encode()).findtext("creationTime")
-                if int(created or 0) >= int(journal.started):   # made by that run, not before
-                    cp.delete()
-                    log.info("deleted checkpoint %s of the unfinished backup",
-                             journal.checkpoint)
-            except errors.NotFound:
-                pass
-    elif journal.checkpoint and delete_checkpoint:
-        log.warning("domain is not running: checkpoint %s of the unfinished backup was not "
-                    "deleted (harmless; delete it with blockcheckpoint-delete)",
-                    journal.checkpoint)
-    for part in journal.parts:      # .part names (Journal.from_json), in this directory
-        bdir.unlink(part)
-    bdir.fsync()
-    _remove_journal(bdir)
-
-
-def recover(directory: "str | BackupDir",
-            conn: Optional[libvirt.virConnect] = None) -> list[str]:
-    """Finish or undo what an interrupted backup into ``directory`` left; the caller
-    holds the directory's lock (or is its guard). Returns what was done.
-
-    Snapshots, checkpoints and domains are acted on only as the root-only record
-    in the state directory says (:mod:`.state`); the directory's journal is
-    a hint, ignored with a warning where the record does not agree."""
-    with mf._opened(directory) as bdir:
-        return _recover(bdir, conn)
-
-
-def _trusted_journal(bdir: BackupDir) -> Optional[Journal]:
-    """The journal to act on: the state directory's record; without one, only the
-    ``.part`` files the directory's journal names (files of this directory, by
-    their checked names), nothing of any domain."""
-    hint = Journal.load(bdir)
-    record = backup_state.load(bdir)
-    if record is None:
-        if hint is not None and (hint.domain_uuid or hint.snapshot or hint.checkpoint):
-            log.warning("%s names snapshot %s and checkpoint %s of domain %s, but no backup "
-                        "run of this host recorded them; ignoring them (removing only the "
-                        ".part files it names)", bdir.show(mf.JOURNAL), hint.snapshot,
-                        hint.checkpoint, hint.domain_uuid or "?")
-        return Journal(uri="", domain_uuid="", parts=hint.parts) if hint is not None else None
-    if hint != record:
-        log.warning("%s does not match the record of the run that wrote it; ignoring it",
-                    bdir.show(mf.JOURNAL))
-    return record
-
-
-def _recover(bdir: BackupDir, conn: Optional[libvirt.virConnect]) -> list[str]:
-    done: list[str] = []
-    for entry in bdir.listdir():
-        if mf.TMP_RE.match(entry):
-            bdir.unlink(entry)
-            done.append(f"removed temporary file {entry}")
-    journal = _trusted_journal(bdir)
-    if journal is None:
-        return done
-    manifest = mf.load(bdir)
-    point = next((p for p in manifest.points if p.checkpoint == journal.checkpoint), None) \
-        if manifest is not None and journal.checkpoint else None
-    dom = None
-    if journal.domain_uuid:
-        try:
-            if conn is None:
-                conn = virt.open_connection(journal.uri or None)
-            dom = conn.lookupByUUIDString(journal.domain_uuid)
-        except libvirt.libvirtError:
-            dom = None
-        except errors.Error as e:
-            log.warning("cannot reach libvirt to clean up domain %s: %s", journal.domain_uuid, e)
-    if point is not None:       # the manifest lists it: roll forward
-        for disk in point.disks:
-            if bdir.exists(disk.file + ".part") and not bdir.exists(disk.file):
-                bdir.rename(disk.file + ".part", disk.file)
-        bdir.fsync()
-        if dom is not None and dom.isActive() and journal.snapshot:
-            _teardown(dom, journal.snapshot)
-        _remove_journal(bdir)
-        done.append(f"completed point {point.index}")
-        return done
-    _cleanup(dom, bdir, journal, delete_checkpoint=True)
-    done.append(f"removed the unfinished backup {journal.snapshot}")
-    log.warning("cleaned up the unfinished backup %s in %s", journal.snapshot, bdir.path)
-    return done
-
-
-def _save_journal(bdir: BackupDir, journal: Journal) -> None:
-    """The record in the state directory first (authoritative), then the
-    directory's copy (a hint for people and older versions). Raises OSError."""
-    backup_state.save(bdir, journal)
-    journal.save(bdir)
-
-
-def _remove_journal(bdir: BackupDir) -> None:
-    Journal.remove(bdir)
-    backup_state.remove(bdir)
-
-
-def _max_size() -> int:
-    return config.load().backup_max_virtual_size
-
-
-def _image_mode() -> int:
-    """0600, or 0640 when ``backup_group`` grants a group read access."""
-    return 0o640 if config.load().backup_group else 0o600
-
-
-def _own_image(fd: int) -> None:
-    """Give a new image (or restored file) the configured group, if any."""
-    group = config.load().backup_group
-    if group:
-        import grp
-        os.fchown(fd, -1, grp.getgrnam(group).gr_gid)
-
-
-def _tighten(bdir: BackupDir, manifest: Manifest) -> None:
-    """Images earlier versions wrote readable by others (0644) become private."""
-    mode = _image_mode()
-    for p in manifest.points:
-        for d in p.disks:
-            st = bdir.lstat(d.file)
-            if st is None or not stat.S_ISREG(st.st_mode) or not st.st_mode & 0o777 & ~mode:
-                continue
-            try:
-                fd = bdir.open(d.file)
-            except (OSError, UnsafeFile):
-                continue        # verify and restore refuse it and say why
-            try:
-                os.fchmod(fd, stat.S_IMODE(os.fstat(fd).st_mode) & mode)
-                log.warning("%s was readable by others; now mode %o", bdir.show(d.file),
-                            stat.S_IMODE(os.fstat(fd).st_mode))
-            finally:
-                os.close(fd)
-
-
 # --- reading a backup ------------------------------------------------------------------
-
-def info(target_dir: str) -> Manifest:
-    """The manifest of a backup directory. Raises BackupTargetError, BackupCorrupt."""
-    directory = mf.check_target(target_dir, create=False)
-    with BackupDir(directory) as bdir:
-        return _info(bdir)
-
-
-def _info(bdir: BackupDir) -> Manifest:
-    manifest = mf.load(bdir)
-    if manifest is None:
-        raise BackupTargetError(f"{bdir.path} holds no backup (no {mf.MANIFEST})")
-    return manifest
-
-
-def verify(target_dir: str) -> VerifyReport:
-    """Check every file of every point against the manifest (header, checksum, size,
-    backing; each file opened through the directory's descriptor, its chain given to
-    qemu as the manifest names it), and warn about the points an affected version
-    wrote and about images readable by others. Raises BackupTargetError, BackupCorrupt."""
-    directory = mf.check_target(target_dir, create=False)
-    with BackupDir(directory) as bdir:
-        manifest = _info(bdir)
-        checked, problems = [], []
-        warnings = point_warnings(manifest)
-        for p in manifest.points:
-            for d in p.disks:
-                checked.append(d.file)
-                problems += _verify_one(bdir, manifest, p, d)
-                st = bdir.lstat(d.file)
-                if st is not None and st.st_mode & 0o777 & ~_image_mode():
-                    warnings.append(f"WARNING: {d.file} is mode {stat.S_IMODE(st.st_mode):o}: "
-                                    f"readable by others; the next backup makes it private")
-    return VerifyReport(checked=checked, problems=problems, warnings=warnings)
-
-
-def _verify_one(bdir: BackupDir, manifest: Manifest, p: Point, d: DiskEntry) -> list[str]:
-    """What is wrong with one file of one point (its chain opened as the manifest says)."""
-    where = f"point {p.index} disk {d.name}"
-    try:
-        chain = manifest.chain(p, d.name)
-        with OpenChain(bdir, chain, _max_size()) as opened:
-            found = _check_image(where, d, opened)
-            if not found:
-                found = _check_content(where, d, opened)
-            return found
-    except FileNotFoundError as e:
-        return [f"{where}: {d.file} is missing ({os.path.basename(e.filename or '')})"]
-    except (BackupCorrupt, errors.NotFound) as e:
-        return [f"{where}: {e}"]
-
-
-def _matches(d: DiskEntry, opened: OpenChain) -> bool:
-    """Whether the top of ``opened`` holds what the manifest says (its layer digest,
-    or for format /1 entries the SHA-256 of its bytes). Raises CopyError."""
-    if d.sha256:
-        return mf.sha256_file(fd_path(opened.fds[-1])) == d.sha256
-    return digest_file(opened.address) == d.layer_sha256
-
-
-def _check_content(where: str, d: DiskEntry, opened: OpenChain) -> list[str]:
-    try:
-        if _matches(d, opened):
-            return []
-    except (CopyError, OSError) as e:
-        return [f"{where}: cannot read {d.file}: {e}"]
-    return [f"{where}: {d.file} does not match its checksum"]
-
-
-def _check_image(where: str, d: DiskEntry, opened: OpenChain) -> list[str]:
-    """What ``qemu-img check`` finds wrong with the top layer alone (``backing: null``;
-    its header was checked against the manifest by OpenChain)."""
-    try:        # exit status 3: leaked clusters only, the data is intact
-        tools.qemu_img(["check", "-U", "-q", "-f", "qcow2",
-                        chain_spec([fd_path(opened.fds[-1])])], ok=(0, 3), timeout=3600)
-    except errors.ToolError as e:
-        if e.returncode is None:            # it did not run: no verdict on the image
-            raise
-        return [f"{where}: qemu-img check finds {d.file} damaged: {e.reason[:500]}"]
-    return []
-
-
-def restore(target_dir: str, disk: str, to_path: str, point: Optional[int] = None,
-            check: bool = True) -> str:
-    """Write the image of ``disk`` at backup ``point`` (default: the newest) to
-    ``to_path``: qcow2 when it ends in ``.qcow2``, raw otherwise, mode 0600 (0640
-    with ``backup_group``). Never overwrites, never follows a link at ``to_path``.
-
-    The chain is opened through the backup directory's descriptor, each header
-    checked against the manifest, and given to qemu-img as the manifest names it.
-    With ``check`` the chain's checksums are verified first. Raises NotFound,
-    AlreadyExists, BackupCorrupt, BackupTargetError."""
-    directory = mf.check_target(target_dir, create=False)
-    to_path = os.path.abspath(to_path)
-    if os.path.lexists(to_path):
-        raise errors.AlreadyExists(f"{to_path} already exists; restore never overwrites a "
-                                   f"file: remove it or choose another path")
-    if not os.path.isdir(os.path.dirname(to_path)):
-        raise errors.InvalidArgument(f"directory {os.path.dirname(to_path)} does not exist")
-    with BackupDir(directory) as bdir:
-        manifest = _info(bdir)
-        chosen = manifest.point(point)
-        chain = manifest.chain(chosen, disk)
-        try:
-            opened = OpenChain(bdir, chain, _max_size())
-        except FileNotFoundError as e:
-            raise BackupCorrupt(f"{bdir.path}/{os.path.basename(e.filename or '?')} is "
-                                f"missing; point {chosen.index} cannot be restored") from e
-        with opened:
-            if check:
-                _check_chain(bdir, chain, opened, chosen)
-            with BackupDir(os.path.dirname(to_path)) as out:
-                _convert(opened, out, os.path.basename(to_path))
-    return to_path
-
-
-def _check_chain(bdir: BackupDir, chain: list[DiskEntry], opened: OpenChain,
-                 chosen: Point) -> None:
-    """Every layer's checksum. Raises BackupCorrupt naming the file."""
-    paths = [fd_path(fd) for fd in opened.fds]
-    for i, e in enumerate(chain):
-        layer = OpenChain.__new__(OpenChain)
-        layer.fds, layer.address = opened.fds[:i + 1], chain_spec(paths[:i + 1])
-        try:
-            intact = _matches(e, layer)
-        except (CopyError, OSError) as err:
-            raise BackupCorrupt(f"{bdir.show(e.file)} cannot be read ({err}); point "
-                                f"{chosen.index} cannot be restored") from err
-        if not intact:
-            raise BackupCorrupt(f"{bdir.show(e.file)} does not match its checksum in the "
-                                f"manifest; point {chosen.index} cannot be restored")
-
-
-def _convert(opened: OpenChain, out: BackupDir, name: str) -> None:
-    """qemu-img convert of the chain into a new file ``name`` of ``out``: written
-    through the descriptor of a file without a name (O_TMPFILE; where the
-    filesystem lacks it, a new name created with O_EXCL), then that very inode is
-    linked to ``name`` (never over an existing name, never through a link).
-    Raises AlreadyExists, ToolError, UnsafeFile (the temporary name was swapped)."""
-    fmt = "qcow2" if name.endswith(".qcow2") else "raw"
-    fd, tmp = _new_file(out, name)
-    try:
-        _own_image(fd)
-        faults.stoppoint("restore:target-created")
-        tools.qemu_img(["convert", "-f", "qcow2", "-O", fmt, "-W", "-m", "8",
-                        opened.address, fd_path(fd)])
-        os.fsync(fd)
-        try:        # the inode behind fd, whatever its temporary name points to now
-            os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=out.fd, follow_symlinks=True)
-        except FileExistsError as e:
-            raise errors.AlreadyExists(f"{out.show(name)} already exists; restore never "
-                                       f"overwrites a file") from e
-        except FileNotFoundError as e:      # a named temporary was unlinked or replaced
-            raise UnsafeFile(out.show(tmp or name), "was removed or replaced while the "
-                             "restore wrote it (nothing was written elsewhere); restore "
-                             "again into a directory only you can write to") from e
-    finally:
-        os.close(fd)
-        if tmp is not None:
-            st = out.lstat(tmp)
-            if st is not None and not stat.S_ISDIR(st.st_mode):
-                out.unlink(tmp)
-
-
-def _new_file(out: BackupDir, name: str) -> tuple[int, Optional[str]]:
-    """(descriptor, temporary name or None) of a new empty private file in ``out``."""
-    try:
-        fd = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, _image_mode(),
-                     dir_fd=out.fd)
-        os.fchmod(fd, _image_mode())
-        return fd, None
-    except OSError:
-        return _new_named_file(out, name)
-
-
-def _new_named_file(out: BackupDir, name: str) -> tuple[int, str]:
-    """A new private file under a fresh temporary name (O_EXCL, never a link), for
-    filesystems without O_TMPFILE (NFS). Raises UnsafeFile, OSError."""
-    tmp = f".{name}.{os.urandom(6).hex()}.restoring"
-    return out.create(tmp, _image_mode()), tmp

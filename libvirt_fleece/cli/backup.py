@@ -10,7 +10,7 @@ from typing import Any, Callable, Protocol
 
 import libvirt
 
-from ..backup import run as bk
+from .. import backup as bk
 from ..backup.progress import Bar, LogLines
 from ..backup.writer import clean
 from .format import format_table
