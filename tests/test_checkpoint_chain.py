@@ -19,7 +19,6 @@ import pytest
 import libvirt_fleece as lf
 from libvirt_fleece import backup as bk
 from libvirt_fleece import metadata
-from libvirt_fleece.steps import checkpoint as checkpoints
 from conftest import plugin_leftovers
 from test_checkpoints import changed, delete_everything, export, names, snap, writes
 from vm import MiB, clusters, expected_image, read_export
@@ -366,7 +365,7 @@ def test_checkpoints_of_a_chain_come_back_after_the_metadata_is_lost(make_vm):
     w2 = writes(t, [(0x21, 4 * MiB, MiB)])
     external_snapshot(t, "ext2")
     w3 = writes(t, [(0x31, 8 * MiB, MiB)])
-    for ns in (checkpoints.NS_URI, metadata.NS_URI):
+    for ns in (metadata.CHECKPOINTS_NS_URI, metadata.NS_URI):
         dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, None, None, ns,
                         libvirt.VIR_DOMAIN_AFFECT_LIVE)
     # (the snapshots' watcher may already be rebuilding them: the same code path)

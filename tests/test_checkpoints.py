@@ -12,6 +12,7 @@ import libvirt
 import pytest
 
 import libvirt_fleece as lf
+from libvirt_fleece import metadata
 from libvirt_fleece.steps import checkpoint as checkpoints
 from conftest import plugin_leftovers
 from vm import MiB, clusters, dirty_clusters, expected_image, read_export
@@ -204,7 +205,7 @@ def test_metadata_lost_then_checkpoints_come_back_from_the_images(vm):
     snap(dom, "x1").delete()
     w = writes(vm, [(9, MiB, MiB)])
     snap(dom, "x2").delete()
-    dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, None, None, checkpoints.NS_URI,
+    dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, None, None, metadata.CHECKPOINTS_NS_URI,
                     libvirt.VIR_DOMAIN_AFFECT_LIVE)
     assert names(dom) == ["x1", "x2"]
     assert all(c.getXMLDesc().count("<valid>yes</valid>") for c in lf.blockCheckpointList(dom))

@@ -21,7 +21,6 @@ from lxml import etree
 
 import libvirt_fleece as lf
 from libvirt_fleece import config, fleecefile, hook, hookinstall, metadata
-from libvirt_fleece.steps import checkpoint as checkpoints
 from vm import MiB, TestVM, expected_image, read_export, restart_libvirtd, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.serial]
@@ -80,7 +79,7 @@ def mirror(dom) -> dict:
     """{checkpoint name: valid} from the domain XML as `virsh dumpxml` shows it."""
     root = etree.fromstring(dom.XMLDesc(0).encode())
     result = {}
-    for cp in root.iter(f"{{{checkpoints.NS_URI}}}checkpoint"):
+    for cp in root.iter(f"{{{metadata.CHECKPOINTS_NS_URI}}}checkpoint"):
         result[cp.get("name")] = result.get(cp.get("name"), True) and cp.get("valid") == "yes"
     return result
 
@@ -190,9 +189,9 @@ def test_metadata_removed_then_start_brings_checkpoints_back(installed_hook, mak
     snapshot(t.dom, "c2", flags=CP).delete()
     assert mirror(t.dom) == {"c1": True, "c2": True}
     t.destroy()
-    t.dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, None, None, checkpoints.NS_URI,
+    t.dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, None, None, metadata.CHECKPOINTS_NS_URI,
                       libvirt.VIR_DOMAIN_AFFECT_CONFIG)
-    assert checkpoints.NS_URI not in t.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    assert metadata.CHECKPOINTS_NS_URI not in t.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
     t0 = time.monotonic()
     t.dom.create()
     TIMINGS["start of a persistent domain (s)"] = round(time.monotonic() - t0, 3)
@@ -200,7 +199,7 @@ def test_metadata_removed_then_start_brings_checkpoints_back(installed_hook, mak
                     f"checkpoints not rediscovered into the domain XML: {mirror(t.dom)}")
     TIMINGS["checkpoints back in dumpxml after start (s)"] = round(took, 2)
     # in the persistent definition too, so they survive the next stop
-    assert checkpoints.NS_URI in t.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    assert metadata.CHECKPOINTS_NS_URI in t.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
     assert log_lines(t.name, "reconcile")
 
 
@@ -259,12 +258,12 @@ def test_migrate_filter_on_a_real_domain_xml_keeps_checkpoints_only(installed_ho
     snapshot(t.dom, "c1", flags=CP)
     export(t.dom, "c1")
     xml = t.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE | libvirt.VIR_DOMAIN_XML_MIGRATABLE)
-    assert metadata.NS_URI in xml and checkpoints.NS_URI in xml
+    assert metadata.NS_URI in xml and metadata.CHECKPOINTS_NS_URI in xml
     for op in ("migrate", "restore"):
         proc, _ = run_installed_hook([t.name, op, "begin", "-"], xml)
         assert proc.returncode == 0
         out = proc.stdout.decode()
-        assert metadata.NS_URI not in out and checkpoints.NS_URI in out
+        assert metadata.NS_URI not in out and metadata.CHECKPOINTS_NS_URI in out
         got = etree.fromstring(out.encode())
         want = etree.fromstring(xml.encode())
         md = want.find("metadata")

@@ -20,7 +20,6 @@ import time
 import pytest
 
 from libvirt_fleece import fleecefile, hook, hookinstall, metadata
-from libvirt_fleece.steps import checkpoint as checkpoints
 from libvirt_fleece.cli import commands as cli, hook as cli_hook
 
 UUID = "6c1d2f6e-8a55-4c3e-9b1a-0123456789ab"
@@ -54,7 +53,7 @@ def state_doc(files: dict, socket_path: str = "", snap_id: str = SNAP_ID) -> str
             + body.replace("<disk ", "<fleece:disk ") + "</fleece:state>")
 
 
-MIRROR = (f"<fleececp:checkpoints xmlns:fleececp='{checkpoints.NS_URI}' version='1'>"
+MIRROR = (f"<fleececp:checkpoints xmlns:fleececp='{metadata.CHECKPOINTS_NS_URI}' version='1'>"
           f"<fleececp:disk name='vda'><fleececp:checkpoint name='c1' created='1764450000' "
           f"bitmap='fleece-cp.0000000000000001.4000000.c1' size='67108864' valid='yes'/>"
           f"</fleececp:disk></fleececp:checkpoints>")
@@ -354,7 +353,7 @@ def test_filter_drops_live_state_and_keeps_checkpoints_and_the_rest(dirs, operat
     rc, out = call(operation, original)
     assert rc == 0 and out
     assert metadata.NS_URI not in out and "fleece:state" not in out
-    assert checkpoints.NS_URI in out and "name=\"c1\"" in out
+    assert metadata.CHECKPOINTS_NS_URI in out and "name=\"c1\"" in out
     assert "keep me" in out and "<name>web1</name>" in out and UUID in out
     # exactly the original without the state element
     from lxml import etree
@@ -532,7 +531,8 @@ def test_shim_passes_the_filtered_xml_to_stdout(dirs, shim):
                        {"LIBVIRT_FLEECE_CONFIG": dirs["config"], "LC_ALL": "C"})
     assert proc.returncode == 0
     out = proc.stdout.decode()
-    assert out.startswith("<domain") and metadata.NS_URI not in out and checkpoints.NS_URI in out
+    assert out.startswith("<domain") and metadata.NS_URI not in out
+    assert metadata.CHECKPOINTS_NS_URI in out
 
 
 def test_shim_template_is_a_few_lines_naming_the_interpreter():

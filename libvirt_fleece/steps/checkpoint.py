@@ -50,11 +50,10 @@ import logging
 import time
 from typing import Optional
 
-import libvirt
 from lxml import etree
 
 from ..qemu import bitmaps, chains, names
-from .. import errors, virt, xmlutil
+from .. import errors, metadata, xmlutil
 from ..faults import killpoint
 from .livedisks import LiveDisk, live_disks
 from ..metadata import DiskRecord, SnapshotRecord
@@ -62,8 +61,6 @@ from ..session import Session
 
 log = logging.getLogger(__name__)
 
-NS_URI = "http://libvirt-fleece.org/xmlns/checkpoints/1"
-NS_PREFIX = "fleececp"
 
 CRASHED = ("qemu stopped uncleanly (crash or kill -9) while the bitmap was in use, so it "
            "may miss changes; take a full backup")
@@ -208,23 +205,15 @@ def _judge(entries: list[CheckpointDisk], capacity: Optional[int]) -> None:
 
 def _read_mirror(sess: Session) -> list[CheckpointDisk]:
     """The checkpoints recorded in the metadata (LIVE, else CONFIG); absent = none."""
-    dom = sess.dom
-    for flag in (libvirt.VIR_DOMAIN_AFFECT_LIVE, libvirt.VIR_DOMAIN_AFFECT_CONFIG):
-        try:
-            text = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, NS_URI, flag)
-        except libvirt.libvirtError as e:
-            if e.get_error_code() in (libvirt.VIR_ERR_NO_DOMAIN_METADATA,
-                                      libvirt.VIR_ERR_OPERATION_INVALID,
-                                      libvirt.VIR_ERR_INVALID_ARG):
-                continue
-            raise virt.translate(e, "cannot read the checkpoint metadata") from e
-        try:
-            return _parse_mirror(text)
-        except errors.InvalidArgument as e:
-            log.warning("domain %s: ignoring unusable checkpoint metadata (%s); rebuilding "
-                        "it from the images", dom.name(), e)
-            return []
-    return []
+    text = metadata.load_checkpoint_mirror(sess.dom)
+    if text is None:
+        return []
+    try:
+        return _parse_mirror(text)
+    except errors.InvalidArgument as e:
+        log.warning("domain %s: ignoring unusable checkpoint metadata (%s); rebuilding "
+                    "it from the images", sess.dom.name(), e)
+        return []
 
 
 def _parse_mirror(text: str) -> list[CheckpointDisk]:
@@ -307,40 +296,7 @@ def scan(sess: Session, live: Optional[list[LiveDisk]] = None) -> list[Checkpoin
 def sync_mirror(sess: Session, cps: list[Checkpoint]) -> None:
     """Write the mirror into the LIVE (and, for a persistent domain, CONFIG) metadata
     when it differs from what is there."""
-    text = mirror_document(cps)
-    dom = sess.dom
-    try:
-        current = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, NS_URI,
-                               libvirt.VIR_DOMAIN_AFFECT_LIVE)
-    except libvirt.libvirtError:
-        current = None
-    if current is not None and text is not None and _same(current, text):
-        return
-    if current is None and text is None:
-        return
-    flags = libvirt.VIR_DOMAIN_AFFECT_LIVE
-    if dom.isPersistent():
-        flags |= libvirt.VIR_DOMAIN_AFFECT_CONFIG
-    try:
-        dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, text,
-                        NS_PREFIX if text else None, NS_URI, flags)
-    except libvirt.libvirtError as e:
-        raise virt.translate(e, "cannot write the checkpoint metadata") from e
-
-
-_COMPARE = etree.XMLParser(remove_blank_text=True, resolve_entities=False, no_network=True,
-                           load_dtd=False)
-
-
-def _same(a: str, b: str) -> bool:
-    """Whether two mirror documents say the same (libvirt gives ours back indented)."""
-    def canon(t: str) -> bytes:
-        root = xmlutil.strip_namespaces(etree.fromstring(t.encode(), _COMPARE))
-        return etree.tostring(root, method="c14n")
-    try:
-        return canon(a) == canon(b)
-    except etree.XMLSyntaxError:
-        return False
+    metadata.save_checkpoint_mirror(sess.dom, mirror_document(cps))
 
 
 def reconcile(sess: Session, live: Optional[list[LiveDisk]] = None) -> list[Checkpoint]:
