@@ -20,13 +20,13 @@ import logging.handlers
 import os
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
-from . import detached
+import libvirt
+import libvirt_qemu
+
+from . import calls, config, detached, metadata
 from .session import Session
-
-if TYPE_CHECKING:
-    import libvirt
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +62,6 @@ def ensure_running(sess: Session) -> None:
 
 
 def _still_needed(dom: libvirt.virDomain) -> bool:
-    import libvirt
-    from . import metadata
     try:
         if dom.state()[0] not in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_PAUSED):
             return False
@@ -74,11 +72,6 @@ def _still_needed(dom: libvirt.virDomain) -> bool:
 
 
 def main(uri: str, domain_uuid: str) -> int:
-    import libvirt
-    import libvirt_qemu
-
-    from . import config
-    from . import calls
     handler = logging.handlers.SysLogHandler("/dev/log") if os.path.exists("/dev/log") \
         else logging.StreamHandler()
     logging.basicConfig(level=logging.INFO, handlers=[handler],

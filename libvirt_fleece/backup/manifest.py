@@ -37,6 +37,8 @@ journal is a hint next to the root-only record of :mod:`.state`.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import errno
@@ -44,12 +46,14 @@ import fcntl
 import hashlib
 import json
 import logging
+import mmap
 import os
 import re
 import tempfile
+import time
 from typing import Any, Iterator, Optional
 
-from .. import errors
+from .. import config, errors
 from .dir import BackupDir, UnsafeFile
 
 log = logging.getLogger(__name__)
@@ -332,13 +336,11 @@ def _checksum(d: dict, key: str, other: str) -> str:
 
 
 def _max_virtual_size() -> int:
-    from .. import config
     return config.load().backup_max_virtual_size
 
 
 def max_bytes() -> int:
     """The configured limit of a manifest or journal (``backup_manifest_max_bytes``)."""
-    from .. import config
     return config.load().backup_manifest_max_bytes
 
 
@@ -421,9 +423,6 @@ def _open_for_hashing(path: str) -> int:
 def sha256_file(path: str, chunk: int = 8 << 20) -> str:
     """SHA-256 of a file (the checksum of format /1 manifests). A thread reads the
     next chunk while this one hashes (hashlib drops the GIL). Raises OSError."""
-    import collections
-    import concurrent.futures
-    import mmap
     h = hashlib.sha256()
     fd = _open_for_hashing(path)
     try:
@@ -523,7 +522,6 @@ class DirLock:
                 self.fd = bdir.open_or_create(LOCK)
             except UnsafeFile as e:
                 raise BackupCorrupt(str(e)) from e
-        import time
         deadline = time.monotonic() + wait
         while True:
             try:

@@ -10,12 +10,13 @@ on the snapshot, checkpoint and domain only as this record says.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 from typing import Optional
 
-from .. import config
+from .. import config, fsutil
 from .dir import BackupDir
 from .manifest import Journal
 
@@ -30,8 +31,6 @@ def _path(bdir: BackupDir) -> str:
 def save(bdir: BackupDir, journal: Journal) -> None:
     """Write the record of ``journal`` for ``bdir`` (0600 in a 0700 directory).
     Raises OSError."""
-    from .. import fsutil
-    import dataclasses
     path = _path(bdir)
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     fsutil.write_atomic(path, json.dumps(dataclasses.asdict(journal)).encode(), 0o600)

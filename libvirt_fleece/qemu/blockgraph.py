@@ -15,6 +15,7 @@ from typing import Optional
 import libvirt
 
 from .. import errors
+from ..virt import wait_until
 from . import names, qmp
 
 log = logging.getLogger(__name__)
@@ -219,7 +220,6 @@ def export_del(dom: libvirt.virDomain, eid: str, force: bool = False) -> None:
 
     Raises OperationInvalid when clients are connected and ``force`` is false.
     """
-    from ..virt import wait_until
     if eid not in export_ids(dom):
         return
     try:

@@ -14,6 +14,8 @@ import logging
 import os
 from typing import Optional
 
+import libvirt
+
 from ..qemu import bitmaps, names
 from .. import errors, metadata, pauseguard, virt
 from . import (checkpoint as checkpoints, export as exports, health, orphans,
@@ -70,7 +72,6 @@ def finish_interrupted(sess: Session) -> list[str]:
 def _resume_if_left_paused(sess: Session) -> None:
     """A plugin process died with the guest paused and its guard could not resume it
     (libvirtd was restarting, say): the marker it left says so. Resume."""
-    import libvirt
     marker = pauseguard.marker_path(sess.cfg.state_dir, sess.uuid)
     if not os.path.exists(marker):
         return
