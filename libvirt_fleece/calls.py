@@ -9,12 +9,15 @@ undoes the work (:func:`.steps.reconcile.finish_interrupted`) before doing its o
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Iterator
 
 import libvirt
 
 from .session import Session, open_session
-from .steps import reconcile
+from .steps import reconcile, watching
+
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -26,6 +29,11 @@ def session(dom: libvirt.virDomain) -> Iterator[Session]:
     """
     with open_session(dom) as sess:
         sess.report += reconcile.finish_interrupted(sess)
+        if watching.needed(sess.state):
+            try:                # a watcher that died, or one of an older version
+                watching.ensure_running(sess)
+            except OSError as e:
+                log.warning("domain %s: cannot start the watcher: %s", dom.name(), e)
         yield sess
 
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import libvirt
 
-from . import calls, documents, errors, watcher
+from . import calls, documents, errors
 from .flags import check_flags
 from .handle import NamedHandle
-from .steps import snapshot
+from .steps import snapshot, watching
 
 VIR_DOMAIN_BLOCK_SNAPSHOT_CREATE_CHECKPOINT = 1 << 0
 VIR_DOMAIN_BLOCK_SNAPSHOT_DELETE_STOP_EXPORTS = 1 << 0
@@ -56,7 +56,7 @@ def create(dom: libvirt.virDomain, xmlDesc: str, flags: int = 0) -> BlockSnapsho
         rec = snapshot.create(sess, spec,
                               bool(flags & VIR_DOMAIN_BLOCK_SNAPSHOT_CREATE_CHECKPOINT))
         if rec.limit:
-            watcher.ensure_running(sess)
+            watching.ensure_running(sess)
         return BlockSnapshot(dom, rec.name)
 
 

@@ -3,9 +3,10 @@
 
 A snapshot with a size limit arms qemu's write threshold on its fleece
 images (:mod:`.steps.health`). qemu reports crossing it with a QMP event, which
-only a process listening at that moment receives. So creating a limited
-snapshot makes sure one detached watcher per domain runs (a ``flock`` on
-``<state_dir>/<uuid>.watcher`` keeps it single): it listens through
+only a process listening at that moment receives. So every call on a domain
+with a limited snapshot makes sure one detached watcher runs
+(:mod:`.steps.watching`; a ``flock`` on ``<state_dir>/<uuid>.watcher2`` keeps
+it single): it listens through
 libvirt's event loop and on the event runs the plugin's reconcile, which
 breaks the snapshot cleanly before the host filesystem fills. It exits
 when the domain stops or has no limited snapshot left.
@@ -13,52 +14,23 @@ when the domain stops or has no limited snapshot left.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import logging.handlers
 import os
 import sys
 import time
-from typing import Any, Optional
+from typing import Any
 
 import libvirt
 import libvirt_qemu
 
-from . import calls, config, detached, metadata
-from .session import Session
+from . import calls, config, metadata
+from .steps.watching import lock_path, needed, try_lock
 
 log = logging.getLogger(__name__)
 
 CHECK_INTERVAL = 2.0
-
-
-def _lock_path(state_dir: str, domain_uuid: str) -> str:
-    return os.path.join(state_dir, f"{domain_uuid}.watcher")
-
-
-def _try_lock(path: str) -> Optional[int]:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
-
-
-def ensure_running(sess: Session) -> None:
-    """Start the domain's watcher unless one runs already."""
-    os.makedirs(sess.cfg.state_dir, mode=0o700, exist_ok=True)
-    fd = _try_lock(_lock_path(sess.cfg.state_dir, sess.uuid))
-    if fd is None:
-        return                      # a watcher holds the lock
-    os.close(fd)
-    # the command line a watcher of any version is started with: keep it
-    detached.start([sys.executable, "-c",
-                    "import sys; from libvirt_fleece import watcher; "
-                    "sys.exit(watcher.main(sys.argv[1], sys.argv[2]))",
-                    sess.dom.connect().getURI(), sess.uuid])
 
 
 def _still_needed(dom: libvirt.virDomain) -> bool:
@@ -68,7 +40,7 @@ def _still_needed(dom: libvirt.virDomain) -> bool:
         state = metadata.load(dom)
     except Exception:  # noqa: BLE001 - domain gone or unreadable: nothing to watch
         return False
-    return any(s.limit and s.state == metadata.READY for s in state.snapshots)
+    return needed(state)
 
 
 def main(uri: str, domain_uuid: str) -> int:
@@ -77,7 +49,7 @@ def main(uri: str, domain_uuid: str) -> int:
     logging.basicConfig(level=logging.INFO, handlers=[handler],
                         format="libvirt-fleece-watcher[%(process)d]: %(message)s")
     cfg = config.load()
-    fd = _try_lock(_lock_path(cfg.state_dir, domain_uuid))
+    fd = try_lock(lock_path(cfg.state_dir, domain_uuid))
     if fd is None:
         return 0
     libvirt.registerErrorHandler(lambda _c, _e: None, None)

@@ -230,3 +230,31 @@ def test_overlay_guest_write_fails_only_when_something_else_fills_the_storage(
     os.unlink(f"{mnt}/filler")
     lf.blockSnapshotLookupByName(t.dom, "crowded").delete()
     assert plugin_leftovers(t.dom) == {}
+
+
+def test_any_call_restarts_a_dead_watcher_even_beside_an_old_versions_lock(make_vm):
+    """The watcher is the only thing that breaks a limited snapshot while nobody calls:
+    one that died (or one of 0.3.0 and before, holding the old lock and running the
+    old package's steps) is replaced by the next call of any kind."""
+    import fcntl
+    from conftest import stop_watcher
+    t = make_vm(disks=1)
+    cfg = config.load()
+    os.makedirs(cfg.state_dir, exist_ok=True)
+    old = os.open(os.path.join(cfg.state_dir, f"{t.dom.UUIDString()}.watcher"),
+                  os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(old, fcntl.LOCK_EX | fcntl.LOCK_NB)       # as an old version's watcher does
+    try:
+        t.write("vda", 0xC1, 0, 16 * MiB)           # old data the snapshot must keep
+        lf.blockSnapshotCreateXML(t.dom, "<domainblocksnapshot><name>lim</name>"
+                                         "<sizeLimit>4194304</sizeLimit></domainblocksnapshot>")
+        stop_watcher(t.dom)
+        assert lf.blockSnapshotList(t.dom)          # any call: a listing
+        t.write("vda", 0xD2, 0, 16 * MiB)           # past the 4 MiB limit
+        deadline = time.monotonic() + 15            # the new watcher acts, no call here
+        while 'state="broken"' not in t.dom.XMLDesc(0) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert 'state="broken"' in t.dom.XMLDesc(0)
+        lf.blockSnapshotLookupByName(t.dom, "lim").delete()
+    finally:
+        os.close(old)
