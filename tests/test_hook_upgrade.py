@@ -49,8 +49,6 @@ import libvirt_fleece as lf
 from conftest import REQUIRE
 from vm import wait_for
 
-pytestmark = [pytest.mark.integration, pytest.mark.serial, pytest.mark.slow]
-
 # 4d53dd6: the last commit before the package restructuring (flat libvirt_fleece/)
 OLD_COMMIT = "4d53dd67b02324bd7e0e137a830ff1bd9587ab6b"
 TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -219,6 +217,9 @@ def workdir():
 # --- the test ------------------------------------------------------------------------
 
 
+@pytest.mark.integration
+@pytest.mark.serial
+@pytest.mark.slow
 def test_upgrade_keeps_the_installed_hook_working(hooks_dir_restored, workdir, make_vm):
     t0 = time.monotonic()
     old = os.path.join(workdir, "old")
@@ -271,3 +272,30 @@ def test_upgrade_keeps_the_installed_hook_working(hooks_dir_restored, workdir, m
     assert_hook_runs(t, "shim re-installed from the new package", 3)
     took = time.monotonic() - t0
     print(f"hook upgrade test: {took:.1f} s")
+
+
+def _old_source(path: str) -> str:
+    return subprocess.run(["git", "-C", TOP, "show", f"{OLD_COMMIT}:{path}"],
+                          capture_output=True, text=True, check=True).stdout
+
+
+@pytest.mark.parametrize("path", ["libvirt_fleece/backup_guard.py"])
+def test_a_guard_of_the_old_version_still_cleans_up_after_the_upgrade(
+        path, tmp_path, monkeypatch):
+    """A backup guard started before the upgrade runs its old code, which imports the
+    package's modules by their old names only once its backup died: they must resolve
+    in the new package and reach the new recover()."""
+    import io
+    import libvirt_fleece.backup as backup_pkg
+    code = compile(_old_source(path), path, "exec")
+    old = {"__name__": "libvirt_fleece._old_backup_guard", "__package__": "libvirt_fleece"}
+    exec(code, old)
+    seen = []
+    monkeypatch.setattr(backup_pkg, "recover", lambda bdir, conn=None: seen.append(bdir))
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"")))   # the backup died
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert old["main"]([str(tmp_path), "0", str(fd)]) == 0
+    finally:
+        os.close(fd)
+    assert len(seen) == 1 and type(seen[0]).__name__ == "BackupDir"
