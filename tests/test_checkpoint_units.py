@@ -167,3 +167,53 @@ def test_judging_validity_newest_first():
     a, b = entry(1, True), entry(2, True)
     checkpoints._judge([a, b], 2 << 26)
     assert not b.valid and "resized" in b.reason
+
+
+# --- export bitmap actions: which bitmaps make up "changed since X" for a snapshot -----
+
+def snapshot_on(d: DiskRecord, checkpoint: str = None) -> SnapshotRecord:
+    return SnapshotRecord(name="s", id="1", state="ready", created=0, disks=[d],
+                          checkpoint=checkpoint)
+
+
+def test_an_export_since_the_snapshots_own_checkpoint_is_an_empty_bitmap():
+    a = entry(1, True)
+    d = disk(1, [])
+    assert checkpoints.export_actions("d", cps(a), snapshot_on(d, "c1"), d, "c1", "t") == [
+        bitmaps.add(TOP, "t", disabled=True)]
+
+
+def test_an_export_since_an_older_checkpoint_reads_the_frozen_copies_and_the_delta():
+    a, b = entry(1, True), entry(2, True)
+    d = disk(2, [1])
+    d.frozen_delta = "fleece-1-0-frz.d"
+    actions = checkpoints.export_actions("d", cps(a, b), snapshot_on(d), d, "c1", "t")
+    # c1's copy holds every write since c1 (it records): with the delta, up to the instant
+    assert actions == [bitmaps.add(TOP, "t", disabled=True),
+                       bitmaps.merge(TOP, "t", ["fleece-1-0-frz.1", "fleece-1-0-frz.d"])]
+    actions = checkpoints.export_actions("d", cps(a, b), snapshot_on(d), d, "c2", "t")
+    assert actions[1] == bitmaps.merge(TOP, "t", ["fleece-1-0-frz", "fleece-1-0-frz.d"])
+
+
+def test_an_export_since_a_0_2_checkpoint_unions_the_stopped_bitmaps_up_to_the_copy():
+    a, b = entry(1, False), entry(2, True)      # 0.2: only the newest records
+    d = disk(2, [])
+    actions = checkpoints.export_actions("d", cps(a, b), snapshot_on(d), d, "c1", "t")
+    assert actions[1] == bitmaps.merge(TOP, "t", [a.bitmap, "fleece-1-0-frz"])
+
+
+def test_an_export_is_refused_with_the_reason_for_unknown_newer_or_invalid_checkpoints():
+    import pytest
+    from libvirt_fleece import errors
+    a, b = entry(1, True), entry(2, True)
+    d = disk(1, [])
+    with pytest.raises(errors.NotFound, match="no checkpoint 'c9' in domain 'd'"):
+        checkpoints.export_actions("d", cps(a), snapshot_on(d), d, "c9", "t")
+    with pytest.raises(errors.InvalidArgument, match="newer than snapshot 's'"):
+        checkpoints.export_actions("d", cps(a, b), snapshot_on(d), d, "c2", "t")
+    a.valid, a.reason = False, "its bitmap is missing"
+    with pytest.raises(errors.OperationInvalid, match="c1.*'vda': its bitmap is missing"):
+        checkpoints.export_actions("d", cps(a), snapshot_on(d), d, "c1", "t")
+    other = DiskRecord(**{**d.__dict__, "name": "vdb"})
+    with pytest.raises(errors.InvalidArgument, match="does not cover disk 'vdb'"):
+        checkpoints.export_actions("d", cps(a), snapshot_on(other), other, "c1", "t")

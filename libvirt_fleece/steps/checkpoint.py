@@ -453,10 +453,16 @@ def export_bitmap_actions(sess: Session, snap: SnapshotRecord, d: DiskRecord,
                           checkpoint: str, target: str) -> list[dict]:
     """Actions that build ``target``: the blocks written between ``checkpoint`` and
     the snapshot. Raises NotFound, InvalidArgument or OperationInvalid (with what to do)."""
-    cps = scan(sess)
+    return export_actions(sess.dom.name(), scan(sess), snap, d, checkpoint, target)
+
+
+def export_actions(domain: str, cps: list[Checkpoint], snap: SnapshotRecord, d: DiskRecord,
+                   checkpoint: str, target: str) -> list[dict]:
+    """:func:`export_bitmap_actions` on the checkpoints ``cps`` of domain ``domain``
+    (pure: no qemu). Raises NotFound, InvalidArgument or OperationInvalid."""
     cp = next((c for c in cps if c.name == checkpoint), None)
     if cp is None:
-        raise errors.NotFound(f"no checkpoint {checkpoint!r} in domain {sess.dom.name()!r}")
+        raise errors.NotFound(f"no checkpoint {checkpoint!r} in domain {domain!r}")
     entry = cp.disk(d.name)
     if entry is None:
         raise errors.InvalidArgument(f"checkpoint {checkpoint!r} does not cover disk {d.name!r}")
