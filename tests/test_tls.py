@@ -135,7 +135,7 @@ def test_tcp_export_binds_only_the_address_asked_for(vm, caplog):
 def test_tcp_without_tls_warns_loudly_loopback_included():
     # a pure check: tests bind only loopback addresses; 127.0.0.1 is open to every local user
     from libvirt_fleece.documents import Address
-    from libvirt_fleece.exports import exposure_warning
+    from libvirt_fleece.steps.export import exposure_warning
     assert "WITHOUT encryption" in exposure_warning(Address("ip", host="0.0.0.0", port=1), 1)
     assert "WITHOUT encryption" in exposure_warning(Address("ip", host="192.0.2.7", port=1), 1)
     assert exposure_warning(Address("ip", host="192.0.2.7", port=1, tls=True), 1) is None
