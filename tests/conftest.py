@@ -27,7 +27,9 @@ class LiveConnection:
 
     def __getattr__(self, name):
         import libvirt
-        if not self._conn.isAlive():
+        try:
+            self._conn.getLibVersion()      # a round trip: isAlive() says yes on a dead one
+        except libvirt.libvirtError:
             self._conn = libvirt.open("qemu:///system")
         return getattr(self._conn, name)
 
