@@ -20,7 +20,7 @@ import logging.handlers
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Optional
 
 import libvirt
 import libvirt_qemu
@@ -43,13 +43,17 @@ def _still_needed(dom: libvirt.virDomain) -> bool:
     return needed(state)
 
 
-def main(uri: str, domain_uuid: str) -> int:
+def main(uri: str, domain_uuid: str, lock_fd: Optional[str] = None) -> int:
+    """Watch the domain until it needs no watcher. ``lock_fd``: the descriptor of the
+    watcher's lock, taken by the process that started this one (so no second watcher
+    starts while this one is still starting); without it, take the lock here."""
     handler = logging.handlers.SysLogHandler("/dev/log") if os.path.exists("/dev/log") \
         else logging.StreamHandler()
     logging.basicConfig(level=logging.INFO, handlers=[handler],
                         format="libvirt-fleece-watcher[%(process)d]: %(message)s")
     cfg = config.load()
-    fd = try_lock(lock_path(cfg.state_dir, domain_uuid))
+    path = lock_path(cfg.state_dir, domain_uuid)
+    fd = int(lock_fd) if lock_fd is not None else try_lock(path)
     if fd is None:
         return 0
     libvirt.registerErrorHandler(lambda _c, _e: None, None)
@@ -96,4 +100,4 @@ def main(uri: str, domain_uuid: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], sys.argv[2]))
+    sys.exit(main(*sys.argv[1:]))

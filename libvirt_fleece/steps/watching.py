@@ -50,9 +50,10 @@ def ensure_running(sess: Session) -> None:
     fd = try_lock(lock_path(sess.cfg.state_dir, sess.uuid))
     if fd is None:
         return                      # a watcher holds the lock
-    os.close(fd)
-    # the command line a watcher of any version is started with: keep it
-    detached.start([sys.executable, "-c",
-                    "import sys; from libvirt_fleece import watcher; "
-                    "sys.exit(watcher.main(sys.argv[1], sys.argv[2]))",
-                    sess.dom.connect().getURI(), sess.uuid])
+    try:    # the watcher inherits the lock: no second one starts while it starts up
+        detached.start([sys.executable, "-c",
+                        "import sys; from libvirt_fleece import watcher; "
+                        "sys.exit(watcher.main(*sys.argv[1:]))",
+                        sess.dom.connect().getURI(), sess.uuid, str(fd)], pass_fds=(fd,))
+    finally:
+        os.close(fd)
