@@ -7,7 +7,7 @@ backup directory's lock fd and a descriptor of the directory itself (so a
 directory renamed or replaced meanwhile does not redirect it). The backup
 writes ``done`` when it has finished (successfully or after cleaning up an
 error itself). If the pipe closes without ``done``, the backup died: the
-guard, still holding the directory's lock, runs :func:`.run.recover`, which
+guard, still holding the directory's lock, runs :func:`.recovery.recover`, which
 deletes the snapshot (and its export) and the unused checkpoint named in the
 journal, and removes the ``.part`` files. Should the guard die too, the next
 backup into the directory does the same before anything else.
